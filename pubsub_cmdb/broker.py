@@ -1,0 +1,89 @@
+"""The broker interface: what the web app and the subscriber need from Pub/Sub, and nothing more.
+
+Each backend implements `Broker`. Nothing outside the backends imports google.cloud.
+"""
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Callable, Mapping, Protocol
+
+
+class BrokerError(Exception):
+    """The broker refused or could not be reached; str() says why in one line."""
+
+
+class UnknownAckId(BrokerError):
+    """The ack id is not one the broker handed out, or it has expired."""
+
+
+class Message(Protocol):
+    """What a `subscribe` callback receives (google.cloud.pubsub_v1's Message has this shape)."""
+    data: bytes
+    attributes: Mapping[str, str]
+    message_id: str
+    publish_time: datetime
+    delivery_attempt: int | None
+
+    def ack(self) -> None: ...
+    def nack(self) -> None: ...
+    def modify_ack_deadline(self, seconds: int) -> None: ...
+
+
+class StreamingPull(Protocol):
+    """What `subscribe` returns: a future of the running pull."""
+    def cancel(self) -> None: ...
+    def result(self, timeout: float | None = None): ...
+
+
+@dataclass(frozen=True)
+class PulledMessage:
+    """A message pulled for the /messages view; it stays unacknowledged until `acknowledge(ack_id)`."""
+    ack_id: str
+    message_id: str
+    data: bytes
+    attributes: Mapping[str, str] = field(default_factory=dict)
+    publish_time: datetime | None = None
+    delivery_attempt: int | None = None  # None where the backend does not count them
+
+
+class Broker(abc.ABC):
+    """One Pub/Sub topic and its pull subscription."""
+
+    #: One line for start-up logs: which backend, where.
+    description: str = ""
+
+    @abc.abstractmethod
+    def provision(self) -> list[str]:
+        """Make sure the topic and subscription exist; return warnings (e.g. no permission to create)."""
+
+    @abc.abstractmethod
+    def publish(self, data: bytes, attributes: Mapping[str, str]) -> str:
+        """Publish and wait until the broker has it; return the message id."""
+
+    @abc.abstractmethod
+    def pull(self, max_messages: int = 10) -> list[PulledMessage]:
+        """Up to `max_messages` messages, without acknowledging them."""
+
+    @abc.abstractmethod
+    def acknowledge(self, ack_id: str) -> None:
+        """Acknowledge one pulled message; UnknownAckId where the broker rejects the id."""
+
+    @abc.abstractmethod
+    def subscribe(self, callback: Callable[[Message], None], max_messages: int) -> StreamingPull:
+        """Streaming pull: call `callback` for each message, at most `max_messages` held at once."""
+
+    def close(self) -> None:
+        """Release connections."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def make_broker(settings) -> Broker:
+    from .google_broker import GoogleBroker
+    return GoogleBroker(settings)

@@ -1,0 +1,120 @@
+"""The CMDB: a sqlite file with the `vms` table and the log of applied events.
+
+Every change to `vms` is decided and written in one transaction together with its row in `events`,
+keyed by the Pub/Sub message id: a redelivered message finds its row and changes nothing.
+"""
+from __future__ import annotations
+
+import enum
+import sqlite3
+from contextlib import contextmanager
+from datetime import datetime, timezone
+
+from .events import Event
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS vms (
+    id              INTEGER PRIMARY KEY AUTOINCREMENT,
+    vm_name         TEXT NOT NULL,
+    namespace       TEXT NOT NULL,
+    message         TEXT NOT NULL DEFAULT '',
+    created_at      TEXT NOT NULL,
+    updated_at      TEXT NOT NULL,
+    last_message_id TEXT,
+    UNIQUE (namespace, vm_name)
+);
+-- One row per event that reached the CMDB with a message id: what happened to it, once.
+CREATE TABLE IF NOT EXISTS events (
+    message_id   TEXT PRIMARY KEY,
+    action       TEXT NOT NULL,
+    vm_name      TEXT NOT NULL,
+    namespace    TEXT NOT NULL,
+    publish_time TEXT,
+    applied_at   TEXT NOT NULL,
+    outcome      TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS events_by_vm ON events (namespace, vm_name, applied_at);
+"""
+
+BUSY_TIMEOUT_SECONDS = 30  # another writer holds the lock: wait for it rather than fail the event
+
+
+class Outcome(enum.Enum):
+    CREATED = "created"
+    DELETED = "deleted"
+    ABSENT = "absent"            # delete of a record that is not there: nothing to do
+    DUPLICATE = "duplicate"      # this message id was applied before: nothing changed
+    CONFLICT = "conflict"        # create of a record another message already created
+    UNSUPPORTED = "unsupported"  # get / update: never applied
+
+
+def connect(path: str) -> sqlite3.Connection:
+    """A connection in autocommit mode; `transaction()` opens the write transactions explicitly."""
+    con = sqlite3.connect(path, timeout=BUSY_TIMEOUT_SECONDS, isolation_level=None, check_same_thread=False)
+    con.row_factory = sqlite3.Row
+    con.execute("PRAGMA synchronous = NORMAL")  # with WAL: durable across process crashes
+    return con
+
+
+def init_schema(path: str) -> None:
+    con = connect(path)
+    try:
+        con.execute("PRAGMA journal_mode = WAL")  # readers never block the writer
+        con.executescript(SCHEMA)
+    finally:
+        con.close()
+
+
+@contextmanager
+def transaction(con: sqlite3.Connection):
+    """BEGIN IMMEDIATE takes the write lock up front, so check-then-write cannot race."""
+    con.execute("BEGIN IMMEDIATE")
+    try:
+        yield con
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
+    con.execute("COMMIT")
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+def apply(con: sqlite3.Connection, event: Event) -> Outcome:
+    """Apply one event to the CMDB, at most once per message id."""
+    if event.action not in ("create", "delete"):
+        return Outcome.UNSUPPORTED
+    now = _now()
+    with transaction(con):
+        if event.message_id is not None:
+            seen = con.execute("SELECT 1 FROM events WHERE message_id = ?", (event.message_id,)).fetchone()
+            if seen:
+                return Outcome.DUPLICATE
+        if event.action == "create":
+            inserted = con.execute(
+                "INSERT INTO vms (vm_name, namespace, message, created_at, updated_at, last_message_id)"
+                " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (namespace, vm_name) DO NOTHING",
+                (event.vm_name, event.namespace, event.message, now, now, event.message_id)).rowcount
+            outcome = Outcome.CREATED if inserted else Outcome.CONFLICT
+        else:
+            deleted = con.execute("DELETE FROM vms WHERE namespace = ? AND vm_name = ?",
+                                  (event.namespace, event.vm_name)).rowcount
+            outcome = Outcome.DELETED if deleted else Outcome.ABSENT
+        if event.message_id is not None:
+            con.execute(
+                "INSERT INTO events (message_id, action, vm_name, namespace, publish_time, applied_at, outcome)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (event.message_id, event.action, event.vm_name, event.namespace, event.publish_time, now,
+                 outcome.value))
+    return outcome
+
+
+def records(con: sqlite3.Connection, limit: int = 500) -> list[sqlite3.Row]:
+    """The newest records first."""
+    return con.execute("SELECT id, vm_name, namespace, message, created_at, updated_at, last_message_id"
+                       " FROM vms ORDER BY id DESC LIMIT ?", (limit,)).fetchall()
+
+
+def count(con: sqlite3.Connection) -> int:
+    return con.execute("SELECT count(*) FROM vms").fetchone()[0]

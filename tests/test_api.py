@@ -1,0 +1,100 @@
+"""POST /cmdb and GET /cmdb through the Flask test client over a real sqlite file."""
+import pytest
+
+
+def post(client, **body):
+    return client.post("/cmdb", json=body)
+
+
+def event(action="create", vm_name="vm-1", namespace="Customer 1", message="12:00:00 - hi", **extra):
+    return dict(action=action, vm_name=vm_name, namespace=namespace, message=message, **extra)
+
+
+def test_create_is_201_and_shows_on_the_page(client):
+    response = post(client, **event(message_id="m1"))
+    assert response.status_code == 201
+    assert response.json == {"outcome": "created", "vm_name": "vm-1", "namespace": "Customer 1"}
+    page = client.get("/cmdb").get_data(as_text=True)
+    assert "vm-1" in page and "12:00:00 - hi" in page and "1 record," in page
+
+
+def test_redelivered_create_is_200_and_changes_nothing(client):
+    assert post(client, **event(message_id="m1")).status_code == 201
+    again = post(client, **event(message_id="m1"))
+    assert (again.status_code, again.json["outcome"]) == (200, "duplicate")
+    assert client.get("/cmdb").get_data(as_text=True).count("<td>vm-1</td>") == 1
+
+
+def test_create_of_a_record_another_message_created_is_409(client):
+    post(client, **event(message_id="m1"))
+    response = post(client, **event(message_id="m2", message="other"))
+    assert (response.status_code, response.json["outcome"]) == (409, "conflict")
+    assert "other" not in client.get("/cmdb").get_data(as_text=True)
+
+
+def test_delete_is_200_and_removes_the_record(client):
+    post(client, **event(message_id="m1"))
+    response = post(client, **event("delete", message_id="m2"))
+    assert (response.status_code, response.json["outcome"]) == (200, "deleted")
+    assert "vm-1" not in client.get("/cmdb").get_data(as_text=True)
+
+
+@pytest.mark.parametrize("action", ["get", "update"])
+def test_get_and_update_are_400_not_supported(client, action):
+    response = post(client, **event(action))
+    assert response.status_code == 400
+    assert response.json["error"] == f"action not supported: {action}"
+    assert "No records yet" in client.get("/cmdb").get_data(as_text=True)
+
+
+def test_malformed_json_is_400_with_a_json_error(client):
+    response = client.post("/cmdb", data="{not json", content_type="application/json")
+    assert response.status_code == 400
+    assert "JSON" in response.json["error"]
+
+
+@pytest.mark.parametrize("missing", ["action", "vm_name", "namespace"])
+def test_missing_field_is_400_naming_it(client, missing):
+    body = event()
+    del body[missing]
+    response = post(client, **body)
+    assert response.status_code == 400
+    assert response.json["fields"] == {missing: f"{missing} is required"}
+    assert missing in response.json["error"]
+
+
+def test_non_object_body_is_400(client):
+    response = client.post("/cmdb", json=["create"])
+    assert response.status_code == 400 and response.json["fields"] == {"body": "the body must be a JSON object"}
+
+
+def test_oversized_request_is_413(client):
+    response = client.post("/cmdb", data="x" * (200 * 1024), content_type="application/json")
+    assert response.status_code == 413
+    assert response.json == {"error": "the request is larger than 64 KB"}
+
+
+def test_records_are_newest_first_and_escaped(client):
+    post(client, **event(vm_name="old"))
+    post(client, **event(vm_name="<b>new</b>"))
+    page = client.get("/cmdb").get_data(as_text=True)
+    assert "<b>new</b>" not in page and "&lt;b&gt;new&lt;/b&gt;" in page
+    assert page.index("&lt;b&gt;new") < page.index(">old<")
+
+
+def test_root_redirects_to_message(client):
+    response = client.get("/")
+    assert response.status_code == 302 and response.headers["Location"].endswith("/message")
+
+
+def test_pages_send_security_headers(client):
+    headers = client.get("/cmdb").headers
+    assert "frame-ancestors 'none'" in headers["Content-Security-Policy"]
+    assert "unsafe-inline" not in headers["Content-Security-Policy"]
+    assert headers["X-Content-Type-Options"] == "nosniff"
+    assert headers["Referrer-Policy"] == "same-origin"
+
+
+def test_message_form_without_csrf_token_is_refused(client):
+    response = client.post("/message", data={"action": "create", "vm_name": "vm", "namespace": "Customer 1"})
+    assert response.status_code == 400

@@ -1,0 +1,79 @@
+import subprocess
+import sys
+
+import pytest
+
+from pubsub_cmdb.config import ConfigError, load_settings
+
+from .services import ROOT
+
+
+def test_defaults_on_the_emulator(tmp_path):
+    settings = load_settings({"PUBSUB_EMULATOR_HOST": "127.0.0.1:8085",
+                              "CMDB_DATABASE": str(tmp_path / "c.sqlite")})
+    assert settings.on_emulator
+    assert (settings.gcp_project, settings.port, settings.server_address) == (
+        "local-project", 5000, "http://localhost:5000")
+    assert settings.customers == ("Customer 1", "Customer 2", "Customer 3")
+    assert settings.topic_name and settings.subscription_name
+
+
+def test_generated_secret_is_kept_per_instance(tmp_path):
+    env = {"PUBSUB_EMULATOR_HOST": "127.0.0.1:8085", "CMDB_DATABASE": str(tmp_path / "c.sqlite")}
+    first, second = load_settings(env), load_settings(env)
+    assert first.secret_generated and len(first.secret) >= 32
+    assert first.secret == second.secret
+    other = load_settings(dict(env, CMDB_DATABASE=str(tmp_path / "sub" / ".." / "c.sqlite")))
+    assert other.secret == first.secret
+    assert load_settings(dict(env, SECRET="given")).secret == "given"
+
+
+def test_customers_are_split_and_trimmed(tmp_path):
+    settings = load_settings({"PUBSUB_EMULATOR_HOST": "h:1", "CUSTOMERS": " acme , globex,,acme",
+                              "CMDB_DATABASE": str(tmp_path / "c.sqlite")})
+    assert settings.customers == ("acme", "globex")
+
+
+@pytest.mark.parametrize("env, words", [
+    ({}, "no Pub/Sub configured"),
+    ({"PUBSUB_EMULATOR_HOST": "nonsense"}, "PUBSUB_EMULATOR_HOST"),
+    ({"PUBSUB_EMULATOR_HOST": "h:1", "PORT": "http"}, "PORT"),
+    ({"PUBSUB_EMULATOR_HOST": "h:1", "PORT": "70000"}, "PORT"),
+    ({"PUBSUB_EMULATOR_HOST": "h:1", "TOPIC_NAME": "a b"}, "TOPIC_NAME"),
+    ({"PUBSUB_EMULATOR_HOST": "h:1", "SUBSCRIPTION_NAME": "goog-x"}, "SUBSCRIPTION_NAME"),
+    ({"PUBSUB_EMULATOR_HOST": "h:1", "SERVER_ADDRESS": "localhost:5000"}, "SERVER_ADDRESS"),
+    ({"PUBSUB_EMULATOR_HOST": "h:1", "GCP_PROJECT": "My Project"}, "GCP_PROJECT"),
+    ({"PUBSUB_EMULATOR_HOST": "h:1", "CUSTOMERS": " , "}, "CUSTOMERS"),
+    ({"PUBSUB_EMULATOR_HOST": "h:1", "GOOGLE_APPLICATION_CREDENTIALS": "/no/such.json"},
+     "GOOGLE_APPLICATION_CREDENTIALS"),
+    ({"PUBSUB_EMULATOR_HOST": "h:1", "CMDB_DATABASE": "/no/such/dir/c.sqlite"}, "CMDB_DATABASE"),
+])
+def test_bad_setting_is_one_clear_error(tmp_path, env, words):
+    env.setdefault("CMDB_DATABASE", str(tmp_path / "c.sqlite"))
+    with pytest.raises(ConfigError) as caught:
+        load_settings(env)
+    assert words in str(caught.value)
+
+
+@pytest.mark.parametrize("script", ["main.py", "subscriber.py"])
+def test_entry_points_exit_2_with_one_line_and_no_traceback(tmp_path, script):
+    env = {"PATH": "/usr/bin:/bin", "PUBSUB_EMULATOR_HOST": "127.0.0.1:8085", "PORT": "not-a-port",
+           "CMDB_DATABASE": str(tmp_path / "c.sqlite")}
+    result = subprocess.run([sys.executable, script], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [f"{script}: configuration error: PORT='not-a-port' is not a "
+                                                  "port number (1-65535)"]
+    assert "Traceback" not in result.stderr
+
+
+def test_dotenv_file_is_read_and_environment_wins(tmp_path):
+    (tmp_path / ".env").write_text("PORT=not-from-env-file\nPUBSUB_EMULATOR_HOST=127.0.0.1:8085\n")
+    env = {"PATH": "/usr/bin:/bin", "CMDB_DATABASE": str(tmp_path / "c.sqlite"), "PYTHONPATH": str(ROOT)}
+    result = subprocess.run([sys.executable, str(ROOT / "main.py")], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "PORT='not-from-env-file'" in result.stderr
+    env["PORT"] = "bad-from-env"
+    result = subprocess.run([sys.executable, str(ROOT / "main.py")], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert "PORT='bad-from-env'" in result.stderr

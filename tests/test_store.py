@@ -1,0 +1,112 @@
+import sqlite3
+import threading
+
+import pytest
+
+from pubsub_cmdb import store
+from pubsub_cmdb.events import Event
+from pubsub_cmdb.store import Outcome
+
+
+@pytest.fixture
+def con(tmp_path):
+    path = str(tmp_path / "cmdb.sqlite")
+    store.init_schema(path)
+    connection = store.connect(path)
+    yield connection
+    connection.close()
+
+
+def create(name="vm-1", message_id=None, namespace="ns"):
+    return Event("create", name, namespace, "hello", message_id)
+
+
+def delete(name="vm-1", message_id=None, namespace="ns"):
+    return Event("delete", name, namespace, "", message_id)
+
+
+def names(con):
+    return [(r["namespace"], r["vm_name"]) for r in store.records(con)]
+
+
+def test_vms_table_keeps_the_original_columns(con):
+    columns = [row[1] for row in con.execute("PRAGMA table_info(vms)")]
+    assert columns[:4] == ["id", "vm_name", "namespace", "message"]
+
+
+def test_create_then_delete(con):
+    assert store.apply(con, create(message_id="1")) is Outcome.CREATED
+    row = store.records(con)[0]
+    assert (row["vm_name"], row["namespace"], row["message"], row["last_message_id"]) == ("vm-1", "ns", "hello", "1")
+    assert store.apply(con, delete(message_id="2")) is Outcome.DELETED
+    assert names(con) == []
+
+
+def test_redelivered_create_changes_nothing(con):
+    assert store.apply(con, create(message_id="1")) is Outcome.CREATED
+    assert store.apply(con, create(message_id="1")) is Outcome.DUPLICATE
+    assert store.count(con) == 1
+
+
+def test_redelivered_delete_does_not_remove_a_recreated_record(con):
+    store.apply(con, create(message_id="1"))
+    store.apply(con, delete(message_id="2"))
+    store.apply(con, create(message_id="3"))
+    assert store.apply(con, delete(message_id="2")) is Outcome.DUPLICATE
+    assert names(con) == [("ns", "vm-1")]
+
+
+def test_create_of_existing_record_from_another_message_is_a_conflict(con):
+    store.apply(con, create(message_id="1"))
+    assert store.apply(con, create(message_id="2")) is Outcome.CONFLICT
+    assert store.records(con)[0]["last_message_id"] == "1"
+
+
+def test_same_name_in_two_namespaces_are_two_records(con):
+    store.apply(con, create(namespace="a"))
+    assert store.apply(con, create(namespace="b")) is Outcome.CREATED
+    assert store.count(con) == 2
+
+
+def test_delete_of_missing_record_is_absent(con):
+    assert store.apply(con, delete(message_id="9")) is Outcome.ABSENT
+
+
+@pytest.mark.parametrize("action", ["get", "update"])
+def test_unsupported_actions_change_nothing_and_are_not_recorded(con, action):
+    assert store.apply(con, Event(action, "vm-1", "ns", "", "5")) is Outcome.UNSUPPORTED
+    assert store.count(con) == 0
+    assert con.execute("SELECT count(*) FROM events").fetchone()[0] == 0
+
+
+def test_events_are_logged_with_outcome(con):
+    store.apply(con, Event("create", "vm-1", "ns", "x", "1", "2026-01-01T00:00:00+00:00"))
+    store.apply(con, create(message_id="2"))
+    rows = con.execute("SELECT message_id, action, outcome, publish_time FROM events ORDER BY message_id").fetchall()
+    assert [tuple(r) for r in rows] == [("1", "create", "created", "2026-01-01T00:00:00+00:00"),
+                                        ("2", "create", "conflict", None)]
+
+
+def test_failed_write_leaves_nothing_half_written(con):
+    con.execute("CREATE TRIGGER refuse BEFORE INSERT ON events BEGIN SELECT RAISE(ABORT, 'disk says no'); END")
+    with pytest.raises(sqlite3.IntegrityError):
+        store.apply(con, create(message_id="1"))
+    assert store.count(con) == 0
+
+
+def test_concurrent_deliveries_of_one_message_apply_once(tmp_path):
+    path = str(tmp_path / "cmdb.sqlite")
+    store.init_schema(path)
+    outcomes = []
+
+    def deliver():
+        connection = store.connect(path)
+        outcomes.append(store.apply(connection, create(message_id="same")))
+        connection.close()
+
+    threads = [threading.Thread(target=deliver) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(o.value for o in outcomes) == ["created"] + ["duplicate"] * 7
