@@ -28,6 +28,7 @@ def main():
     print(f"main.py: serving http://{settings.host}:{settings.port} with {broker.description}, "
           f"topic {settings.topic_name}, subscription {settings.subscription_name}, "
           f"CMDB {settings.cmdb_database}", flush=True)
+    print(f"main.py: broker: {settings.broker} ({settings.broker_reason})", flush=True)
     from waitress import serve
     # SIGTERM stops like Ctrl-C: waitress closes the listener and lets the requests in progress finish.
     signal.signal(signal.SIGTERM, signal.default_int_handler)

@@ -7,7 +7,7 @@ from pubsub_cmdb.broker import BrokerError, make_broker
 from pubsub_cmdb.config import settings_or_exit
 from pubsub_cmdb.worker import EventForwarder
 
-MAX_MESSAGES_HELD = 100  # flow control: messages in flight at once
+MAX_MESSAGES_HELD = 1000  # flow control: messages in hand at once (queued, or in a batch being posted)
 
 
 def main():
@@ -24,7 +24,9 @@ def main():
             raise SystemExit(1)
         print(f"subscriber.py: pulling {settings.subscription_name} from {broker.description}, "
               f"posting events to {settings.server_address}/cmdb", flush=True)
-        streaming_pull = broker.subscribe(EventForwarder(settings.server_address), MAX_MESSAGES_HELD)
+        print(f"subscriber.py: broker: {settings.broker} ({settings.broker_reason})", flush=True)
+        forwarder = EventForwarder(settings.server_address)
+        streaming_pull = broker.subscribe(forwarder, MAX_MESSAGES_HELD)
         try:
             streaming_pull.result()
         except KeyboardInterrupt:
@@ -32,7 +34,8 @@ def main():
             signal.signal(signal.SIGINT, signal.SIG_IGN)
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
             print("subscriber.py: stopping: finishing the messages in hand", flush=True)
-            streaming_pull.cancel()  # blocks until in-flight callbacks are done
+            forwarder.close()  # post, then ack or nack, every message in hand; new arrivals are nacked
+            streaming_pull.cancel()  # then stop the stream
             try:
                 streaming_pull.result(timeout=60)
             except Exception:  # the future ends with CancelledError: that is the normal end

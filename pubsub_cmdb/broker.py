@@ -84,6 +84,15 @@ class Broker(abc.ABC):
         self.close()
 
 
+def dead_letter_subscription(dead_letter_topic: str) -> str:
+    """The subscription both backends create on the dead-letter topic, so that what lands there stays."""
+    return f"{dead_letter_topic}-sub"
+
+
 def make_broker(settings) -> Broker:
+    """The backend the settings chose (see config: BROKER, PUBSUB_EMULATOR_HOST, GCP_PROJECT)."""
+    if settings.broker == "embedded":
+        from .embedded_broker import EmbeddedBroker
+        return EmbeddedBroker(settings)
     from .google_broker import GoogleBroker
     return GoogleBroker(settings)

@@ -17,6 +17,9 @@ DEFAULT_TOPIC = "cmdb-events"
 DEFAULT_SUBSCRIPTION = "cmdb-events-sub"
 DEFAULT_EMULATOR_PROJECT = "local-project"
 DEFAULT_CUSTOMERS = "Customer 1,Customer 2,Customer 3"
+BROKERS = ("embedded", "emulator", "gcp")
+# Where `gcloud auth application-default login` keeps credentials.
+ADC_FILE = Path.home() / ".config" / "gcloud" / "application_default_credentials.json"
 
 # Pub/Sub resource names: 3-255 characters, start with a letter, no "goog" prefix.
 _RESOURCE_NAME = re.compile(r"^(?!goog)[A-Za-z][A-Za-z0-9\-_.~+%]{2,254}$")
@@ -30,6 +33,8 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class Settings:
+    broker: str  # embedded, emulator or gcp
+    broker_reason: str  # why this broker: said at start, with how to switch
     gcp_project: str
     topic_name: str
     subscription_name: str
@@ -42,10 +47,13 @@ class Settings:
     secret_generated: bool
     emulator_host: str | None
     credentials_file: str | None
+    pubsub_database: str  # the embedded broker's sqlite file
+    dead_letter_topic: str | None
+    max_delivery_attempts: int
 
     @property
     def on_emulator(self) -> bool:
-        return self.emulator_host is not None
+        return self.broker == "emulator"
 
 
 def _name(env, key, default):
@@ -108,11 +116,8 @@ def load_settings(env: dict | None = None) -> Settings:
         raise ConfigError(f"GOOGLE_APPLICATION_CREDENTIALS={credentials!r}: no such file")
 
     project = env.get("GCP_PROJECT", "").strip()
-    if not project:
-        if not emulator_host:
-            raise ConfigError("no Pub/Sub configured: set PUBSUB_EMULATOR_HOST for the emulator, "
-                              "or GCP_PROJECT (and credentials) for Google Cloud")
-        project = DEFAULT_EMULATOR_PROJECT
+    broker, reason = _broker(env, emulator_host, project, credentials)
+    project = project or DEFAULT_EMULATOR_PROJECT
     if not _PROJECT_ID.match(project):
         raise ConfigError(f"GCP_PROJECT={project!r} is not a project id (lower-case letters, digits and -)")
 
@@ -121,7 +126,15 @@ def load_settings(env: dict | None = None) -> Settings:
     if not Path(database).resolve().parent.is_dir():
         raise ConfigError(f"CMDB_DATABASE={database!r}: its folder does not exist")
     secret, generated = _secret(env, database)
+    pubsub_database = env.get("PUBSUB_DATABASE", "").strip() or str(Path(database).resolve().parent / "pubsub.sqlite")
+    if not Path(pubsub_database).resolve().parent.is_dir():
+        raise ConfigError(f"PUBSUB_DATABASE={pubsub_database!r}: its folder does not exist")
+    dead_letter_topic = env.get("DEAD_LETTER_TOPIC", "").strip() or None
+    if dead_letter_topic:
+        dead_letter_topic = _name(env, "DEAD_LETTER_TOPIC", None)
     return Settings(
+        broker=broker,
+        broker_reason=reason,
         gcp_project=project,
         topic_name=_name(env, "TOPIC_NAME", DEFAULT_TOPIC),
         subscription_name=_name(env, "SUBSCRIPTION_NAME", DEFAULT_SUBSCRIPTION),
@@ -134,7 +147,38 @@ def load_settings(env: dict | None = None) -> Settings:
         secret_generated=generated,
         emulator_host=emulator_host,
         credentials_file=credentials,
+        pubsub_database=pubsub_database,
+        dead_letter_topic=dead_letter_topic,
+        max_delivery_attempts=_max_delivery_attempts(env),
     )
+
+
+def _broker(env, emulator_host, project, credentials) -> tuple[str, str]:
+    """Which broker, and one line saying why and how to switch."""
+    chosen = env.get("BROKER", "").strip().lower()
+    if chosen and chosen not in BROKERS:
+        raise ConfigError(f"BROKER={chosen!r} is not one of {', '.join(BROKERS)}")
+    if chosen == "emulator" and not emulator_host:
+        raise ConfigError("BROKER=emulator needs PUBSUB_EMULATOR_HOST (e.g. 127.0.0.1:8085)")
+    if chosen == "gcp" and not project:
+        raise ConfigError("BROKER=gcp needs GCP_PROJECT")
+    if chosen:
+        return chosen, "chosen by BROKER"
+    if emulator_host:
+        return "emulator", "PUBSUB_EMULATOR_HOST is set; BROKER=embedded runs without it"
+    if project and (credentials or ADC_FILE.is_file()):
+        return "gcp", "GCP_PROJECT and credentials are set; BROKER=embedded runs without them"
+    if project:
+        return "embedded", ("GCP_PROJECT is set but no credentials were found (GOOGLE_APPLICATION_CREDENTIALS): "
+                            "BROKER=gcp forces Google Cloud")
+    return "embedded", "no PUBSUB_EMULATOR_HOST nor GCP_PROJECT is set; set one of them to use Pub/Sub"
+
+
+def _max_delivery_attempts(env) -> int:
+    raw = env.get("MAX_DELIVERY_ATTEMPTS", "").strip() or "5"
+    if not raw.isdigit() or not 5 <= int(raw) <= 100:
+        raise ConfigError(f"MAX_DELIVERY_ATTEMPTS={raw!r} must be a whole number from 5 to 100 (as on Pub/Sub)")
+    return int(raw)
 
 
 def settings_or_exit(program: str) -> Settings:

@@ -10,7 +10,8 @@ from google.protobuf import duration_pb2
 from google.pubsub_v1.services.publisher.transports import PublisherGrpcTransport
 from google.pubsub_v1.services.subscriber.transports import SubscriberGrpcTransport
 
-from .broker import Broker, BrokerError, Message, PulledMessage, StreamingPull, UnknownAckId
+from .broker import (Broker, BrokerError, Message, PulledMessage, StreamingPull, UnknownAckId,
+                     dead_letter_subscription)
 
 ACK_DEADLINE_SECONDS = 10
 RETRY_MIN_BACKOFF_SECONDS = 10
@@ -21,7 +22,7 @@ PULL_TIMEOUT_SECONDS = 3
 
 class GoogleBroker(Broker):
     def __init__(self, settings):
-        self._on_emulator = bool(settings.emulator_host)
+        self._on_emulator = settings.on_emulator
         if self._on_emulator:
             # Plain-text gRPC to the emulator named in the settings (not whatever the process environment
             # says), so one process can talk to several emulators, as the tests do.
@@ -38,35 +39,48 @@ class GoogleBroker(Broker):
         self.topic_path = self._publisher.topic_path(settings.gcp_project, settings.topic_name)
         self.subscription_path = self._subscriber.subscription_path(settings.gcp_project,
                                                                     settings.subscription_name)
+        self.dead_letter_topic_path = None
+        if settings.dead_letter_topic:
+            self.dead_letter_topic_path = self._publisher.topic_path(settings.gcp_project,
+                                                                     settings.dead_letter_topic)
+            self.dead_letter_subscription_path = self._subscriber.subscription_path(
+                settings.gcp_project, dead_letter_subscription(settings.dead_letter_topic))
+        self._max_delivery_attempts = settings.max_delivery_attempts
 
     def provision(self) -> list[str]:
-        warnings = []
-        try:
-            self._publisher.create_topic(name=self.topic_path)
-        except gexc.AlreadyExists:
-            pass
-        except gexc.PermissionDenied:
-            warnings.append(f"no permission to create {self.topic_path}; using it as it is")
-        except gexc.GoogleAPICallError as error:
-            raise BrokerError(f"cannot create {self.topic_path}: {error.message}") from error
-        try:
-            self._subscriber.create_subscription(request={
-                "name": self.subscription_path,
-                "topic": self.topic_path,
-                "ack_deadline_seconds": ACK_DEADLINE_SECONDS,
-                # Nacked messages come back after 10 s, then 20 s, ... up to 10 min: never a hot loop.
-                "retry_policy": {
-                    "minimum_backoff": duration_pb2.Duration(seconds=RETRY_MIN_BACKOFF_SECONDS),
-                    "maximum_backoff": duration_pb2.Duration(seconds=RETRY_MAX_BACKOFF_SECONDS),
-                },
-            })
-        except gexc.AlreadyExists:
-            pass
-        except gexc.PermissionDenied:
-            warnings.append(f"no permission to create {self.subscription_path}; using it as it is")
-        except gexc.GoogleAPICallError as error:
-            raise BrokerError(f"cannot create {self.subscription_path}: {error.message}") from error
+        warnings: list[str] = []
+        subscription = {
+            "name": self.subscription_path,
+            "topic": self.topic_path,
+            "ack_deadline_seconds": ACK_DEADLINE_SECONDS,
+            # Nacked messages come back after 10 s, then 20 s, ... up to 10 min: never a hot loop.
+            "retry_policy": {
+                "minimum_backoff": duration_pb2.Duration(seconds=RETRY_MIN_BACKOFF_SECONDS),
+                "maximum_backoff": duration_pb2.Duration(seconds=RETRY_MAX_BACKOFF_SECONDS),
+            },
+        }
+        if self.dead_letter_topic_path:
+            self._create(self._publisher.create_topic, {"name": self.dead_letter_topic_path}, warnings)
+            # A subscription on the dead-letter topic keeps what lands there, to be looked at.
+            self._create(self._subscriber.create_subscription, {
+                "name": self.dead_letter_subscription_path, "topic": self.dead_letter_topic_path}, warnings)
+            subscription["dead_letter_policy"] = {"dead_letter_topic": self.dead_letter_topic_path,
+                                                  "max_delivery_attempts": self._max_delivery_attempts}
+        self._create(self._publisher.create_topic, {"name": self.topic_path}, warnings)
+        self._create(self._subscriber.create_subscription, subscription, warnings)
         return warnings
+
+    @staticmethod
+    def _create(create, request: dict, warnings: list[str]) -> None:
+        """Create a topic or subscription; existing already is fine, no permission is a warning."""
+        try:
+            create(request=request)
+        except gexc.AlreadyExists:
+            pass
+        except gexc.PermissionDenied:
+            warnings.append(f"no permission to create {request['name']}; using it as it is")
+        except gexc.GoogleAPICallError as error:
+            raise BrokerError(f"cannot create {request['name']}: {error.message}") from error
 
     def publish(self, data: bytes, attributes: Mapping[str, str]) -> str:
         future = self._publisher.publish(self.topic_path, data, timeout=PUBLISH_TIMEOUT_SECONDS, **attributes)

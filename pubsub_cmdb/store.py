@@ -83,30 +83,43 @@ def _now() -> str:
 
 def apply(con: sqlite3.Connection, event: Event) -> Outcome:
     """Apply one event to the CMDB, at most once per message id."""
-    if event.action not in ("create", "delete"):
-        return Outcome.UNSUPPORTED
+    return apply_many(con, [event])[0]
+
+
+def apply_many(con: sqlite3.Connection, events: list[Event]) -> list[Outcome]:
+    """Apply events in order, in one transaction: each at most once per message id, all or none written."""
     now = _now()
+    outcomes = [Outcome.UNSUPPORTED] * len(events)
+    supported = [i for i, event in enumerate(events) if event.action in ("create", "delete")]
+    if not supported:
+        return outcomes
     with transaction(con):
-        if event.message_id is not None:
-            seen = con.execute("SELECT 1 FROM events WHERE message_id = ?", (event.message_id,)).fetchone()
-            if seen:
-                return Outcome.DUPLICATE
-        if event.action == "create":
-            inserted = con.execute(
-                "INSERT INTO vms (vm_name, namespace, message, created_at, updated_at, last_message_id)"
-                " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (namespace, vm_name) DO NOTHING",
-                (event.vm_name, event.namespace, event.message, now, now, event.message_id)).rowcount
-            outcome = Outcome.CREATED if inserted else Outcome.CONFLICT
-        else:
-            deleted = con.execute("DELETE FROM vms WHERE namespace = ? AND vm_name = ?",
-                                  (event.namespace, event.vm_name)).rowcount
-            outcome = Outcome.DELETED if deleted else Outcome.ABSENT
-        if event.message_id is not None:
-            con.execute(
-                "INSERT INTO events (message_id, action, vm_name, namespace, publish_time, applied_at, outcome)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (event.message_id, event.action, event.vm_name, event.namespace, event.publish_time, now,
-                 outcome.value))
+        for i in supported:
+            outcomes[i] = _apply_one(con, events[i], now)
+    return outcomes
+
+
+def _apply_one(con: sqlite3.Connection, event: Event, now: str) -> Outcome:
+    if event.message_id is not None:
+        seen = con.execute("SELECT 1 FROM events WHERE message_id = ?", (event.message_id,)).fetchone()
+        if seen:
+            return Outcome.DUPLICATE
+    if event.action == "create":
+        inserted = con.execute(
+            "INSERT INTO vms (vm_name, namespace, message, created_at, updated_at, last_message_id)"
+            " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (namespace, vm_name) DO NOTHING",
+            (event.vm_name, event.namespace, event.message, now, now, event.message_id)).rowcount
+        outcome = Outcome.CREATED if inserted else Outcome.CONFLICT
+    else:
+        deleted = con.execute("DELETE FROM vms WHERE namespace = ? AND vm_name = ?",
+                              (event.namespace, event.vm_name)).rowcount
+        outcome = Outcome.DELETED if deleted else Outcome.ABSENT
+    if event.message_id is not None:
+        con.execute(
+            "INSERT INTO events (message_id, action, vm_name, namespace, publish_time, applied_at, outcome)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (event.message_id, event.action, event.vm_name, event.namespace, event.publish_time, now,
+             outcome.value))
     return outcome
 
 

@@ -1,15 +1,20 @@
-"""What subscriber.py does with each message: POST it to `/cmdb`, then ack or give it back.
+"""What subscriber.py does with each message: POST it to `/cmdb`, then ack or nack it by the answer.
 
-No business rules here: the web app decides; the answer decides ack or nack.
+No business rules here: the web app decides; its answer decides ack or nack.
 - 2xx (applied, or already applied) and 409 (another message created the record): ack.
 - other 4xx (unsupported action, invalid event): nack, so it stays on the queue; the subscription's
   retry policy (10 s to 10 min backoff) spaces the redeliveries.
-- 5xx or no answer: retry a few times in place (holding the message, which also pauses new work
-  while the server is down), then nack.
+- 5xx or no answer: retry in place (holding the messages, which also pauses new work while the
+  server is down), then nack.
+
+Messages are sent in batches (one POST, one CMDB transaction for up to BATCH_SIZE events): the
+streaming pull's callback only queues the message; sender threads post what has gathered.
 """
 from __future__ import annotations
 
+import json
 import logging
+import queue
 import threading
 import time
 
@@ -20,9 +25,12 @@ from .broker import Message
 
 log = logging.getLogger("subscriber")
 
+BATCH_SIZE = 500
+BATCH_BYTES = 1024 * 1024  # POST /cmdb takes up to 2 MB
+BATCH_LINGER_SECONDS = 0.005  # how long a sender waits for a batch to fill once it has one message
+SENDERS = 2  # one posts while the other gathers the next batch
 RETRY_DELAYS_SECONDS = (0.5, 1, 2, 4, 8)  # in-place retries while the server is down or failing
 REQUEST_TIMEOUT_SECONDS = 30
-
 
 _UNCHANGED = {"duplicate": "was applied before (a redelivery)",
               "conflict": "creates a record another message created"}
@@ -50,58 +58,97 @@ class _ServerHealth:
 
 
 class EventForwarder:
-    """The subscribe callback: one instance serves all of the streaming pull's callback threads."""
+    """The subscribe callback: queues each message; sender threads POST them in batches to /cmdb."""
 
     def __init__(self, server_address: str, retry_delays=RETRY_DELAYS_SECONDS):
         self.url = f"{server_address}/cmdb"
         self._retry_delays = retry_delays
-        self._local = threading.local()  # one keep-alive session per callback thread
         self._health = _ServerHealth(server_address)
+        self._waiting: queue.Queue = queue.Queue()
+        self._closing = threading.Event()
+        self._senders = [threading.Thread(target=self._send_batches, name=f"sender-{i}", daemon=True)
+                         for i in range(SENDERS)]
+        for sender in self._senders:
+            sender.start()
 
-    def _session(self) -> requests.Session:
-        if not hasattr(self._local, "session"):
-            self._local.session = requests.Session()
-        return self._local.session
+    def __call__(self, message: Message) -> None:
+        if self._closing.is_set():
+            message.nack()  # shutting down: give it straight back
+            return
+        self._waiting.put((message, events.from_pubsub(message.data, message.attributes, message.message_id,
+                                                        message.publish_time)))
 
-    def _post(self, body: dict):
-        """The server's answer, or None when it stayed unreachable or failing through every retry."""
+    def close(self, seconds: float = 60) -> None:
+        """Stop taking messages, finish the batches in hand (ack or nack each), then return."""
+        self._closing.set()
+        for _ in self._senders:
+            self._waiting.put(None)
+        deadline = time.monotonic() + seconds
+        for sender in self._senders:
+            sender.join(max(0.0, deadline - time.monotonic()))
+
+    # senders -------------------------------------------------------------------------------------
+    def _send_batches(self) -> None:
+        session = requests.Session()  # keep-alive: one connection per sender
+        while True:
+            batch = self._gather()
+            if batch:
+                self._deliver(session, batch)
+            elif batch is None:
+                return
+
+    def _gather(self):
+        """Up to BATCH_SIZE queued messages (waiting briefly for more once there is one); None at the end."""
+        first = self._waiting.get()
+        if first is None:
+            return None
+        batch, size = [first], len(json.dumps(first[1]))
+        deadline = time.monotonic() + BATCH_LINGER_SECONDS
+        while len(batch) < BATCH_SIZE and size < BATCH_BYTES:
+            try:
+                item = self._waiting.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                break
+            if item is None:
+                self._waiting.put(None)  # leave the end marker for this sender's next round
+                break
+            batch.append(item)
+            size += len(json.dumps(item[1]))
+        return batch
+
+    def _post(self, session: requests.Session, bodies: list[dict]):
+        """The list of per-event results, or None when the server stayed unreachable or failing."""
         for delay in (*self._retry_delays, None):
             try:
-                response = self._session().post(self.url, json=body, timeout=REQUEST_TIMEOUT_SECONDS)
-                if response.status_code < 500:
-                    self._health.up()
-                    return response
-                self._health.down(f"HTTP {response.status_code}")
-            except requests.RequestException as error:
+                response = session.post(self.url, json=bodies, timeout=REQUEST_TIMEOUT_SECONDS)
+                if response.status_code == 200:
+                    results = response.json().get("results")
+                    if isinstance(results, list) and len(results) == len(bodies):
+                        self._health.up()
+                        return results
+                    self._health.down("unexpected answer")
+                else:
+                    self._health.down(f"HTTP {response.status_code}")
+            except (requests.RequestException, ValueError) as error:
                 self._health.down(type(error).__name__)
-            if delay is None:
+            if delay is None or self._closing.is_set() and delay > 1:
                 return None
             time.sleep(delay)
 
-    @staticmethod
-    def _outcome(response) -> str | None:
-        try:
-            return response.json().get("outcome")
-        except ValueError:
-            return None
-
-    def __call__(self, message: Message) -> None:
-        body = events.from_pubsub(message.data, message.attributes, message.message_id, message.publish_time)
-        response = self._post(body)
-        if response is not None and (response.ok or response.status_code == 409):
-            message.ack()
-            unchanged = _UNCHANGED.get(self._outcome(response))
-            if unchanged:
-                log.info("message %s %s: acked, nothing changed", message.message_id, unchanged)
+    def _deliver(self, session: requests.Session, batch: list) -> None:
+        results = self._post(session, [body for _, body in batch])
+        if results is None:
+            for message, _ in batch:
+                message.nack()
             return
-        if response is None:
+        for (message, body), result in zip(batch, results):
+            status, outcome = result.get("status"), result.get("outcome")
+            if isinstance(status, int) and (200 <= status < 300 or status == 409):
+                message.ack()
+                if outcome in _UNCHANGED:
+                    log.info("message %s %s: acked, nothing changed", message.message_id, _UNCHANGED[outcome])
+                continue
+            log.info("message %s (%s %s/%s, delivery %s) not applied: %s; nacked, it stays on the queue",
+                     message.message_id, body["action"], body["namespace"], body["vm_name"],
+                     message.delivery_attempt or "?", result.get("error", f"HTTP {status}"))
             message.nack()
-            return
-        try:
-            reason = response.json().get("error", response.reason)
-        except ValueError:
-            reason = f"HTTP {response.status_code}"
-        log.info("message %s (%s %s/%s, delivery %s) not applied: %s; nacked, it stays on the queue",
-                 message.message_id, body["action"], body["namespace"], body["vm_name"],
-                 message.delivery_attempt or "?", reason)
-        message.nack()

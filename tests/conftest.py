@@ -48,13 +48,13 @@ def env(tmp_path, names):
 
 @pytest.fixture
 def emulator_env(env, emulator_host):
-    return dict(env, PUBSUB_EMULATOR_HOST=emulator_host)
+    return dict(env, BROKER="emulator", PUBSUB_EMULATOR_HOST=emulator_host)
 
 
 @pytest.fixture
 def app(env):
     """The Flask app over a fresh CMDB. Tests that publish or pull use `emulator_env` instead."""
-    env = dict(env, PUBSUB_EMULATOR_HOST="127.0.0.1:9")  # never contacted by the routes these tests use
+    env = dict(env, BROKER="emulator", PUBSUB_EMULATOR_HOST="127.0.0.1:9")  # never contacted by these routes
     return create_app(load_settings(env))
 
 

@@ -64,14 +64,39 @@ def test_missing_field_is_400_naming_it(client, missing):
 
 
 def test_non_object_body_is_400(client):
-    response = client.post("/cmdb", json=["create"])
+    response = client.post("/cmdb", json="create")
     assert response.status_code == 400 and response.json["fields"] == {"body": "the body must be a JSON object"}
 
 
+def test_batch_answers_each_event_as_if_alone(client):
+    post(client, **event(vm_name="taken", message_id="m0"))
+    batch = [event(vm_name="a", message_id="m1"), event(vm_name="a", message_id="m1"),
+             event(vm_name="taken", message_id="m2"), event("get", vm_name="b"), {"action": "create"},
+             "not an object", event("delete", vm_name="taken", message_id="m3")]
+    response = client.post("/cmdb", json=batch)
+    assert response.status_code == 200
+    results = response.json["results"]
+    assert [(r["status"], r["outcome"]) for r in results] == [
+        (201, "created"), (200, "duplicate"), (409, "conflict"), (400, "unsupported"), (400, "invalid"),
+        (400, "invalid"), (200, "deleted")]
+    assert results[4]["fields"] == {"vm_name": "vm_name is required", "namespace": "namespace is required"}
+    page = client.get("/cmdb").get_data(as_text=True)
+    assert ">a<" in page and "taken" not in page
+
+
+@pytest.mark.parametrize("batch", [[], [event(vm_name=f"vm-{i}") for i in range(1001)]])
+def test_batch_size_is_limited(client, batch):
+    response = client.post("/cmdb", json=batch)
+    assert response.status_code == 400 and "1 to 1000 events" in response.json["error"]
+    assert "No records yet" in client.get("/cmdb").get_data(as_text=True)
+
+
 def test_oversized_request_is_413(client):
-    response = client.post("/cmdb", data="x" * (200 * 1024), content_type="application/json")
+    response = client.post("/cmdb", data="x" * (3 * 1024 * 1024), content_type="application/json")
     assert response.status_code == 413
-    assert response.json == {"error": "the request is larger than 64 KB"}
+    assert response.json == {"error": "the request is larger than 2048 KB"}
+    form = client.post("/message", data={"message": "x" * (100 * 1024)})
+    assert form.status_code == 413 and "larger than 64 KB" in form.get_data(as_text=True)
 
 
 def test_records_are_newest_first_and_escaped(client):

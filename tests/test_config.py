@@ -18,6 +18,22 @@ def test_defaults_on_the_emulator(tmp_path):
     assert settings.topic_name and settings.subscription_name
 
 
+@pytest.mark.parametrize("env, broker", [
+    ({}, "embedded"),
+    ({"GCP_PROJECT": "my-project"}, "embedded"),  # no credentials: said at start, BROKER=gcp forces it
+    ({"PUBSUB_EMULATOR_HOST": "127.0.0.1:8085"}, "emulator"),
+    ({"PUBSUB_EMULATOR_HOST": "127.0.0.1:8085", "BROKER": "embedded"}, "embedded"),
+    ({"GCP_PROJECT": "my-project", "BROKER": "gcp"}, "gcp"),
+    ({"GCP_PROJECT": "my-project", "GOOGLE_APPLICATION_CREDENTIALS": __file__}, "gcp"),
+])
+def test_broker_choice(tmp_path, env, broker, monkeypatch):
+    monkeypatch.setattr("pubsub_cmdb.config.ADC_FILE", tmp_path / "no-adc.json")
+    settings = load_settings(dict(env, CMDB_DATABASE=str(tmp_path / "c.sqlite")))
+    assert settings.broker == broker
+    assert settings.broker_reason
+    assert settings.pubsub_database == str(tmp_path / "pubsub.sqlite")
+
+
 def test_generated_secret_is_kept_per_instance(tmp_path):
     env = {"PUBSUB_EMULATOR_HOST": "127.0.0.1:8085", "CMDB_DATABASE": str(tmp_path / "c.sqlite")}
     first, second = load_settings(env), load_settings(env)
@@ -35,7 +51,11 @@ def test_customers_are_split_and_trimmed(tmp_path):
 
 
 @pytest.mark.parametrize("env, words", [
-    ({}, "no Pub/Sub configured"),
+    ({"BROKER": "kafka"}, "BROKER"),
+    ({"BROKER": "emulator"}, "PUBSUB_EMULATOR_HOST"),
+    ({"BROKER": "gcp"}, "GCP_PROJECT"),
+    ({"PUBSUB_EMULATOR_HOST": "h:1", "MAX_DELIVERY_ATTEMPTS": "3"}, "MAX_DELIVERY_ATTEMPTS"),
+    ({"PUBSUB_EMULATOR_HOST": "h:1", "DEAD_LETTER_TOPIC": "x"}, "DEAD_LETTER_TOPIC"),
     ({"PUBSUB_EMULATOR_HOST": "nonsense"}, "PUBSUB_EMULATOR_HOST"),
     ({"PUBSUB_EMULATOR_HOST": "h:1", "PORT": "http"}, "PORT"),
     ({"PUBSUB_EMULATOR_HOST": "h:1", "PORT": "70000"}, "PORT"),

@@ -110,3 +110,19 @@ def test_concurrent_deliveries_of_one_message_apply_once(tmp_path):
     for t in threads:
         t.join()
     assert sorted(o.value for o in outcomes) == ["created"] + ["duplicate"] * 7
+
+
+def test_a_failed_batch_writes_none_of_its_events(con):
+    con.execute("CREATE TRIGGER refuse BEFORE INSERT ON vms WHEN NEW.vm_name = 'bad' "
+                "BEGIN SELECT RAISE(ABORT, 'disk says no'); END")
+    with pytest.raises(sqlite3.IntegrityError):
+        store.apply_many(con, [create("good", "1"), create("bad", "2")])
+    assert store.count(con) == 0
+    assert con.execute("SELECT count(*) FROM events").fetchone()[0] == 0
+
+
+def test_batch_keeps_order_and_outcomes(con):
+    outcomes = store.apply_many(con, [create("a", "1"), delete("a", "2"), create("a", "3"), create("a", "1"),
+                                      Event("update", "a", "ns", "", "4")])
+    assert [o.value for o in outcomes] == ["created", "deleted", "created", "duplicate", "unsupported"]
+    assert store.records(con)[0]["last_message_id"] == "3"

@@ -12,7 +12,7 @@ from ..config import Settings
 from . import cmdb, context, messages, publish
 
 ROOT = Path(__file__).resolve().parents[2]  # templates/ and static/ sit beside main.py
-MAX_REQUEST_BYTES = 64 * 1024  # an event is at most ~11 KB; anything far larger is refused with 413
+MAX_REQUEST_BYTES = 64 * 1024  # a form is at most ~11 KB; anything far larger is refused with 413 (POST /cmdb: 2 MB)
 
 csrf = CSRFProtect()
 
@@ -40,7 +40,7 @@ def create_app(settings: Settings, broker: Broker | None = None) -> Flask:
 
 
 def _too_large(error):
-    message = f"the request is larger than {MAX_REQUEST_BYTES // 1024} KB"
+    message = f"the request is larger than {request.max_content_length // 1024} KB"
     if request.path == "/cmdb":
         return jsonify(error=message), 413
     return message, 413

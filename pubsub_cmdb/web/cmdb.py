@@ -1,4 +1,9 @@
-"""`/cmdb`: the records page, and `POST /cmdb` which applies one event (JSON) to the CMDB."""
+"""`/cmdb`: the records page, and `POST /cmdb` which applies events (JSON) to the CMDB.
+
+The body is one event (an object) or a batch (an array of up to MAX_BATCH objects, as subscriber.py
+sends them). A batch is applied in one transaction and answered with one result per event, each with
+the status that event would have had alone.
+"""
 from flask import Blueprint, jsonify, render_template, request
 
 from .. import events, store
@@ -6,6 +11,14 @@ from ..store import Outcome
 from .context import get_db
 
 bp = Blueprint("cmdb", __name__)
+MAX_BATCH = 1000
+MAX_BATCH_BYTES = 2 * 1024 * 1024  # subscriber.py keeps its batches under 1 MB
+
+
+@bp.before_request
+def _allow_batches():
+    if request.endpoint == "cmdb.apply_event":
+        request.max_content_length = MAX_BATCH_BYTES
 
 STATUS = {
     Outcome.CREATED: 201,
@@ -28,10 +41,28 @@ def apply_event():
     body = request.get_json(silent=True)
     if body is None:
         return jsonify(error="the body must be JSON (Content-Type: application/json)"), 400
-    event, errors = events.parse(body)
-    if errors:
-        return jsonify(error="; ".join(errors.values()), fields=errors, outcome="invalid"), 400
-    outcome = store.apply(get_db(), event)
-    if outcome is Outcome.UNSUPPORTED:
-        return jsonify(error=f"action not supported: {event.action}", outcome=outcome.value), 400
-    return jsonify(outcome=outcome.value, vm_name=event.vm_name, namespace=event.namespace), STATUS[outcome]
+    if not isinstance(body, list):
+        result, status = _apply([body])[0]
+        return jsonify(result), status
+    if not body or len(body) > MAX_BATCH:
+        return jsonify(error=f"a batch must hold 1 to {MAX_BATCH} events"), 400
+    return jsonify(results=[dict(result, status=status) for result, status in _apply(body)]), 200
+
+
+def _apply(bodies: list) -> list[tuple[dict, int]]:
+    """Validate every event, apply the valid ones in one transaction; a (result, status) per event."""
+    parsed = [events.parse(body) for body in bodies]
+    valid = [event for event, errors in parsed if not errors]
+    outcomes = iter(store.apply_many(get_db(), valid))
+    answers = []
+    for event, errors in parsed:
+        if errors:
+            answers.append(({"error": "; ".join(errors.values()), "fields": errors, "outcome": "invalid"}, 400))
+            continue
+        outcome = next(outcomes)
+        if outcome is Outcome.UNSUPPORTED:
+            answers.append(({"error": f"action not supported: {event.action}", "outcome": outcome.value}, 400))
+        else:
+            answers.append(({"outcome": outcome.value, "vm_name": event.vm_name, "namespace": event.namespace},
+                            STATUS[outcome]))
+    return answers
