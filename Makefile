@@ -1,4 +1,5 @@
-# make run   — create the venv, install, start the Pub/Sub emulator, main.py and subscriber.py (Ctrl-C stops all)
+# make run   — create the venv, install, start main.py and subscriber.py on the embedded broker (Ctrl-C stops all)
+# make run BROKER=emulator — the same on Google's Pub/Sub emulator, started and stopped with them
 # make test  — install the test tools and run the whole suite
 PYTHON ?= python3
 VENV := .venv
@@ -16,12 +17,14 @@ $(VENV)/.dev: requirements-dev.txt $(VENV)/.runtime
 	touch $@
 
 run: $(VENV)/.runtime
-	$(PY) -m pubsub_cmdb.launcher
+	$(if $(BROKER),BROKER=$(BROKER)) $(PY) -m pubsub_cmdb.launcher
 
 test: $(VENV)/.dev
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# The embedded broker alone, then backlog drain on the emulator beside the seed design and the ceiling.
 bench: $(VENV)/.runtime
+	$(PY) -m pubsub_cmdb.bench_embedded --n $(or $(N),20000)
 	$(PY) ../shared/bench/drain.py --n $(or $(N),3000)
 
 clean:

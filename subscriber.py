@@ -25,7 +25,7 @@ def main():
         print(f"subscriber.py: pulling {settings.subscription_name} from {broker.description}, "
               f"posting events to {settings.server_address}/cmdb", flush=True)
         print(f"subscriber.py: broker: {settings.broker} ({settings.broker_reason})", flush=True)
-        forwarder = EventForwarder(settings.server_address)
+        forwarder = EventForwarder(settings.server_address, settings.api_token)
         streaming_pull = broker.subscribe(forwarder, MAX_MESSAGES_HELD)
         try:
             streaming_pull.result()

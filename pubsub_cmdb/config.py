@@ -5,6 +5,7 @@ into that line on stderr and exit status 2 (`settings_or_exit`).
 """
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import secrets
@@ -47,6 +48,7 @@ class Settings:
     secret_generated: bool
     emulator_host: str | None
     credentials_file: str | None
+    api_token: str | None  # CMDB_API_TOKEN: POST /cmdb needs it as a bearer token when set
     pubsub_database: str  # the embedded broker's sqlite file
     dead_letter_topic: str | None
     max_delivery_attempts: int
@@ -129,6 +131,11 @@ def load_settings(env: dict | None = None) -> Settings:
     pubsub_database = env.get("PUBSUB_DATABASE", "").strip() or str(Path(database).resolve().parent / "pubsub.sqlite")
     if not Path(pubsub_database).resolve().parent.is_dir():
         raise ConfigError(f"PUBSUB_DATABASE={pubsub_database!r}: its folder does not exist")
+    host = env.get("HOST", "").strip() or "127.0.0.1"
+    api_token = env.get("CMDB_API_TOKEN", "").strip() or None
+    if not api_token and not _is_loopback(host):
+        raise ConfigError(f"HOST={host!r} listens beyond loopback: set CMDB_API_TOKEN so that only "
+                          "subscriber.py (which sends it) can write to the CMDB")
     dead_letter_topic = env.get("DEAD_LETTER_TOPIC", "").strip() or None
     if dead_letter_topic:
         dead_letter_topic = _name(env, "DEAD_LETTER_TOPIC", None)
@@ -139,7 +146,7 @@ def load_settings(env: dict | None = None) -> Settings:
         topic_name=_name(env, "TOPIC_NAME", DEFAULT_TOPIC),
         subscription_name=_name(env, "SUBSCRIPTION_NAME", DEFAULT_SUBSCRIPTION),
         server_address=_server_address(env, port),
-        host=env.get("HOST", "").strip() or "127.0.0.1",
+        host=host,
         port=port,
         cmdb_database=database,
         customers=_customers(env),
@@ -147,6 +154,7 @@ def load_settings(env: dict | None = None) -> Settings:
         secret_generated=generated,
         emulator_host=emulator_host,
         credentials_file=credentials,
+        api_token=api_token,
         pubsub_database=pubsub_database,
         dead_letter_topic=dead_letter_topic,
         max_delivery_attempts=_max_delivery_attempts(env),
@@ -172,6 +180,13 @@ def _broker(env, emulator_host, project, credentials) -> tuple[str, str]:
         return "embedded", ("GCP_PROJECT is set but no credentials were found (GOOGLE_APPLICATION_CREDENTIALS): "
                             "BROKER=gcp forces Google Cloud")
     return "embedded", "no PUBSUB_EMULATOR_HOST nor GCP_PROJECT is set; set one of them to use Pub/Sub"
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 def _max_delivery_attempts(env) -> int:

@@ -1,4 +1,7 @@
-"""`make run`: the emulator (unless Pub/Sub is configured already), main.py and subscriber.py together.
+"""`make run`: main.py and subscriber.py together, on the embedded broker unless told otherwise.
+
+`make run BROKER=emulator` also starts Google's Pub/Sub emulator (unless PUBSUB_EMULATOR_HOST names
+one already) and stops it at the end.
 
 Ctrl-C (or SIGTERM) stops all three, subscriber first so that nothing is left half-done; if one of
 them exits on its own, the others are stopped too and its exit status is passed on.
@@ -40,7 +43,7 @@ def _stop(process: subprocess.Popen, seconds: float = 30) -> None:
 def main() -> int:
     env = dict(os.environ)
     emulator_process = None
-    if not env.get("PUBSUB_EMULATOR_HOST") and not env.get("GCP_PROJECT"):
+    if env.get("BROKER") == "emulator" and not env.get("PUBSUB_EMULATOR_HOST"):
         if emulator.port_is_open(EMULATOR_PORT):
             _say(f"using the Pub/Sub emulator already listening on 127.0.0.1:{EMULATOR_PORT}")
         else:

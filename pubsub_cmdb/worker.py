@@ -60,8 +60,9 @@ class _ServerHealth:
 class EventForwarder:
     """The subscribe callback: queues each message; sender threads POST them in batches to /cmdb."""
 
-    def __init__(self, server_address: str, retry_delays=RETRY_DELAYS_SECONDS):
+    def __init__(self, server_address: str, api_token: str | None = None, retry_delays=RETRY_DELAYS_SECONDS):
         self.url = f"{server_address}/cmdb"
+        self._headers = {"Authorization": f"Bearer {api_token}"} if api_token else {}
         self._retry_delays = retry_delays
         self._health = _ServerHealth(server_address)
         self._waiting: queue.Queue = queue.Queue()
@@ -90,6 +91,7 @@ class EventForwarder:
     # senders -------------------------------------------------------------------------------------
     def _send_batches(self) -> None:
         session = requests.Session()  # keep-alive: one connection per sender
+        session.headers.update(self._headers)
         while True:
             batch = self._gather()
             if batch:

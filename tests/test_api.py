@@ -1,6 +1,9 @@
 """POST /cmdb and GET /cmdb through the Flask test client over a real sqlite file."""
 import pytest
 
+from pubsub_cmdb.config import load_settings
+from pubsub_cmdb.web import create_app
+
 
 def post(client, **body):
     return client.post("/cmdb", json=body)
@@ -123,3 +126,13 @@ def test_pages_send_security_headers(client):
 def test_message_form_without_csrf_token_is_refused(client):
     response = client.post("/message", data={"action": "create", "vm_name": "vm", "namespace": "Customer 1"})
     assert response.status_code == 400
+
+
+def test_with_an_api_token_post_cmdb_needs_it(env):
+    settings = load_settings(dict(env, BROKER="emulator", PUBSUB_EMULATOR_HOST="127.0.0.1:9", CMDB_API_TOKEN="s3cret"))
+    client = create_app(settings).test_client()
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
+        response = client.post("/cmdb", json=event(), headers=headers)
+        assert response.status_code == 401 and "bearer token" in response.json["error"]
+    assert "No records yet" in client.get("/cmdb").get_data(as_text=True)
+    assert client.post("/cmdb", json=event(), headers={"Authorization": "Bearer s3cret"}).status_code == 201

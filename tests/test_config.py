@@ -56,6 +56,8 @@ def test_customers_are_split_and_trimmed(tmp_path):
     ({"BROKER": "gcp"}, "GCP_PROJECT"),
     ({"PUBSUB_EMULATOR_HOST": "h:1", "MAX_DELIVERY_ATTEMPTS": "3"}, "MAX_DELIVERY_ATTEMPTS"),
     ({"PUBSUB_EMULATOR_HOST": "h:1", "DEAD_LETTER_TOPIC": "x"}, "DEAD_LETTER_TOPIC"),
+    ({"HOST": "0.0.0.0"}, "CMDB_API_TOKEN"),
+    ({"HOST": "192.0.2.10"}, "CMDB_API_TOKEN"),
     ({"PUBSUB_EMULATOR_HOST": "nonsense"}, "PUBSUB_EMULATOR_HOST"),
     ({"PUBSUB_EMULATOR_HOST": "h:1", "PORT": "http"}, "PORT"),
     ({"PUBSUB_EMULATOR_HOST": "h:1", "PORT": "70000"}, "PORT"),
@@ -97,3 +99,13 @@ def test_dotenv_file_is_read_and_environment_wins(tmp_path):
     result = subprocess.run([sys.executable, str(ROOT / "main.py")], cwd=tmp_path, env=env,
                             capture_output=True, text=True, timeout=60)
     assert "PORT='bad-from-env'" in result.stderr
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.0.0.2", "localhost", "::1", "[::1]"])
+def test_loopback_needs_no_token(tmp_path, host):
+    assert load_settings({"HOST": host, "CMDB_DATABASE": str(tmp_path / "c.sqlite")}).api_token is None
+
+
+def test_beyond_loopback_with_a_token(tmp_path):
+    settings = load_settings({"HOST": "0.0.0.0", "CMDB_API_TOKEN": "s3cret", "CMDB_DATABASE": str(tmp_path / "c")})
+    assert (settings.host, settings.api_token) == ("0.0.0.0", "s3cret")

@@ -4,7 +4,9 @@ The body is one event (an object) or a batch (an array of up to MAX_BATCH object
 sends them). A batch is applied in one transaction and answered with one result per event, each with
 the status that event would have had alone.
 """
-from flask import Blueprint, jsonify, render_template, request
+import hmac
+
+from flask import Blueprint, current_app, jsonify, render_template, request
 
 from .. import events, store
 from ..store import Outcome
@@ -19,6 +21,15 @@ MAX_BATCH_BYTES = 2 * 1024 * 1024  # subscriber.py keeps its batches under 1 MB
 def _allow_batches():
     if request.endpoint == "cmdb.apply_event":
         request.max_content_length = MAX_BATCH_BYTES
+
+
+def _authorized() -> bool:
+    """With CMDB_API_TOKEN set, POST /cmdb needs `Authorization: Bearer <token>` (subscriber.py sends it)."""
+    token = current_app.config["SETTINGS"].api_token
+    if token is None:
+        return True
+    given = request.headers.get("Authorization", "")
+    return hmac.compare_digest(given.encode(), f"Bearer {token}".encode())
 
 STATUS = {
     Outcome.CREATED: 201,
@@ -38,6 +49,8 @@ def show_records():
 
 @bp.post("/cmdb")
 def apply_event():
+    if not _authorized():
+        return jsonify(error="a bearer token is required (CMDB_API_TOKEN)"), 401
     body = request.get_json(silent=True)
     if body is None:
         return jsonify(error="the body must be JSON (Content-Type: application/json)"), 400
