@@ -21,7 +21,7 @@ def _event_rule(check):
 
 
 class PublishForm(FlaskForm):
-    action = SelectField("Action", choices=[(a, a) for a in events.ACTIONS])
+    action = SelectField("Action", choices=list(events.ACTIONS))
     vm_name = StringField("VM name", validators=[_event_rule(lambda v: events.check_name("vm_name", v))])
     namespace = SelectField("Namespace")
     message = TextAreaField("Message", validators=[_event_rule(events.check_message)])
@@ -35,7 +35,7 @@ def index():
 @bp.route("/message", methods=["GET", "POST"])
 def message():
     form = PublishForm()
-    form.namespace.choices = [(c, c) for c in current_app.config["SETTINGS"].customers]
+    form.namespace.choices = list(current_app.config["SETTINGS"].customers)
     if not form.is_submitted():
         return render_template("message.html", form=form)
     if not form.validate():
