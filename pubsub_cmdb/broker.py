@@ -59,8 +59,12 @@ class Broker(abc.ABC):
         """Make sure the topic and subscription exist; return warnings (e.g. no permission to create)."""
 
     @abc.abstractmethod
-    def publish(self, data: bytes, attributes: Mapping[str, str]) -> str:
-        """Publish and wait until the broker has it; return the message id."""
+    def publish(self, data: bytes, attributes: Mapping[str, str], ordering_key: str = "") -> str:
+        """Publish and wait until the broker has it; return the message id.
+
+        Messages with the same non-empty ordering key are delivered in publish order, one at a time:
+        the next only after the previous one is acked (a nacked one blocks its key until redelivered).
+        """
 
     @abc.abstractmethod
     def pull(self, max_messages: int = 10) -> list[PulledMessage]:

@@ -6,6 +6,7 @@ On Pub/Sub an event is a message with attributes `action`, `vm_name`, `namespace
 """
 from __future__ import annotations
 
+import hashlib
 import unicodedata
 from dataclasses import asdict, dataclass
 from datetime import datetime
@@ -125,6 +126,18 @@ def to_pubsub(event: Event) -> tuple[bytes, dict[str, str]]:
     """Data and attributes to publish for an event."""
     return event.message.encode("utf-8"), {
         "action": event.action, "vm_name": event.vm_name, "namespace": event.namespace}
+
+
+def ordering_key(event: Event) -> str:
+    """`namespace/vm_name` for the events that change a record, so one VM's changes apply in publish order.
+
+    get and update get none: they are never applied, and a nacked message would block its key.
+    Pub/Sub takes keys up to 1 KB; a longer one (long multi-byte names) is replaced by its digest.
+    """
+    if event.action not in SUPPORTED_ACTIONS:
+        return ""
+    key = f"{event.namespace}/{event.vm_name}"
+    return key if len(key.encode("utf-8")) <= 1024 else "sha256:" + hashlib.sha256(key.encode("utf-8")).hexdigest()
 
 
 def from_pubsub(data: bytes, attributes: Mapping[str, str], message_id: str | None = None,

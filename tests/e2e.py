@@ -91,7 +91,7 @@ class System:
 
     def event_log(self) -> list[tuple[str, str, str]]:
         with sqlite3.connect(self.env["CMDB_DATABASE"]) as con:
-            return con.execute("SELECT action, vm_name, outcome FROM events ORDER BY applied_at").fetchall()
+            return con.execute("SELECT action, vm_name, outcome FROM events ORDER BY rowid").fetchall()
 
 
 def pulled_rows(page: str) -> dict[str, str]:

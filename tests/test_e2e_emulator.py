@@ -128,3 +128,27 @@ def test_subscriber_stops_cleanly_on_sigterm(system):
     system.start_subscriber()
     assert system.stop_subscriber() == 0
     assert "stopping" in system.log("subscriber")
+
+
+def test_one_vms_events_apply_in_publish_order_across_two_subscribers(system, emulator_env):
+    broker = GoogleBroker(load_settings(emulator_env))
+    broker.provision()
+    sequence = ["create", "delete"] * 10 + ["create"]
+    for i, action in enumerate(sequence):
+        for vm in ("vm-a", "vm-b"):
+            event = events.Event(action, vm, "Customer 1", f"step {i}")
+            data, attributes = events.to_pubsub(event)
+            broker.publish(data, attributes, events.ordering_key(event))
+    system.start_subscriber()
+    second = System(emulator_env, system.logs / "second")
+    (system.logs / "second").mkdir()
+    second.start_subscriber()
+    try:
+        eventually(lambda: len(system.event_log()) == 2 * len(sequence), 60, what="every event applied")
+    finally:
+        second.stop()
+    for vm in ("vm-a", "vm-b"):
+        outcomes = [outcome for action, name, outcome in system.event_log() if name == vm]
+        assert outcomes == ["created", "deleted"] * 10 + ["created"]
+    assert sorted(r[1] for r in system.records()) == ["vm-a", "vm-b"]
+    broker.close()

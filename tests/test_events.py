@@ -83,3 +83,13 @@ def test_foreign_message_without_attributes_decodes_and_fails_validation():
     assert "\ufffd" in fields["message"]
     _, errors = events.parse(fields)
     assert set(errors) == {"action", "vm_name", "namespace"}
+
+
+def test_ordering_key_per_vm_only_for_applied_actions():
+    assert events.ordering_key(events.Event("create", "vm-1", "Customer 1")) == "Customer 1/vm-1"
+    assert events.ordering_key(events.Event("delete", "vm-1", "Customer 1")) == "Customer 1/vm-1"
+    assert events.ordering_key(events.Event("get", "vm-1", "Customer 1")) == ""
+    assert events.ordering_key(events.Event("update", "vm-1", "Customer 1")) == ""
+    long_key = events.ordering_key(events.Event("create", "€" * 255, "ü" * 255))
+    assert long_key.startswith("sha256:") and len(long_key) < 100
+    assert long_key != events.ordering_key(events.Event("create", "€" * 254, "ü" * 255))

@@ -45,7 +45,7 @@ def message():
                          message=events.compose_text(form.message.data or ""))
     data, attributes = events.to_pubsub(event)
     try:
-        message_id = get_broker().publish(data, attributes)
+        message_id = get_broker().publish(data, attributes, events.ordering_key(event))
     except BrokerError as error:
         flash(f"Not published: {error}", "error")
         return render_template("message.html", form=form), 503
