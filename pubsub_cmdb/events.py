@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import unicodedata
 from dataclasses import asdict, dataclass
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Mapping
 
 ACTIONS = ("create", "delete", "get", "update")
@@ -92,12 +92,29 @@ def field_errors(fields: Mapping) -> dict[str, str]:
     problem = check_message(fields.get("message"))
     if problem:
         errors["message"] = problem
-    for field in ("message_id", "publish_time"):
-        value = fields.get(field)
-        if value is not None and (not isinstance(value, str) or not value or len(value) > MAX_MESSAGE_ID
-                                  or _has_control_characters(value) or not _is_unicode(value)):
-            errors[field] = f"{field} must be a non-empty string of at most {MAX_MESSAGE_ID} characters"
+    value = fields.get("message_id")
+    if value is not None and (not isinstance(value, str) or not value or len(value) > MAX_MESSAGE_ID
+                              or _has_control_characters(value) or not _is_unicode(value)):
+        errors["message_id"] = f"message_id must be a non-empty string of at most {MAX_MESSAGE_ID} characters"
+    if fields.get("publish_time") is not None and _utc_time(fields["publish_time"]) is None:
+        errors["publish_time"] = "publish_time must be an ISO 8601 time with a time zone"
     return errors
+
+
+def _utc_time(value) -> str | None:
+    """An ISO 8601 time with a zone as UTC with microseconds (so that times sort as text), or None."""
+    if not isinstance(value, str) or len(value) > 64:
+        return None
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    if moment.tzinfo is None:
+        return None
+    try:
+        return moment.astimezone(timezone.utc).isoformat(timespec="microseconds")
+    except (OverflowError, ValueError):
+        return None
 
 
 def parse(fields: Mapping) -> tuple[Event | None, dict[str, str]]:
@@ -113,7 +130,7 @@ def parse(fields: Mapping) -> tuple[Event | None, dict[str, str]]:
         namespace=fields["namespace"].strip(),
         message=fields.get("message") or "",
         message_id=fields.get("message_id"),
-        publish_time=fields.get("publish_time"),
+        publish_time=_utc_time(fields["publish_time"]) if fields.get("publish_time") is not None else None,
     ), {}
 
 

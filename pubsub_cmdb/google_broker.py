@@ -55,7 +55,11 @@ class GoogleBroker(Broker):
             "name": self.subscription_path,
             "topic": self.topic_path,
             "ack_deadline_seconds": ACK_DEADLINE_SECONDS,
-            "enable_message_ordering": True,  # one VM's create and delete apply in publish order
+            # One VM's create and delete delivered in publish order. Not on the emulator: there, messages of
+            # an ordered subscription held by a killed subscriber stayed undelivered for minutes (measured:
+            # 848 of 2000 still missing 120 s after one SIGKILL, against full recovery in 30 s without).
+            # The CMDB converges whatever the arrival order anyway (store.py), so ordering is an optimisation.
+            "enable_message_ordering": not self._on_emulator,
             # Nacked messages come back after 10 s, then 20 s, ... up to 10 min: never a hot loop.
             "retry_policy": {
                 "minimum_backoff": duration_pb2.Duration(seconds=RETRY_MIN_BACKOFF_SECONDS),

@@ -2,13 +2,19 @@
 
 Every change to `vms` is decided and written in one transaction together with its row in `events`,
 keyed by the Pub/Sub message id: a redelivered message finds its row and changes nothing.
+
+Events may also arrive out of publish order (a broker without ordering, redeliveries after a crash):
+`vm_versions` keeps, per VM, the publish time of the latest create and of the latest delete seen, and
+a VM exists exactly when its latest create is newer than its latest delete. An event that does not
+change that is `stale` (or a `conflict`, for a create of an existing record). The CMDB thus ends in
+the state of each VM's last published event, whatever the arrival order.
 """
 from __future__ import annotations
 
 import enum
 import sqlite3
 from contextlib import contextmanager
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 
 from .events import Event
 
@@ -22,6 +28,14 @@ CREATE TABLE IF NOT EXISTS vms (
     updated_at      TEXT NOT NULL,
     last_message_id TEXT,
     UNIQUE (namespace, vm_name)
+);
+-- Per VM, the publish times of the latest create and delete seen (UTC ISO 8601: they sort as text).
+CREATE TABLE IF NOT EXISTS vm_versions (
+    namespace      TEXT NOT NULL,
+    vm_name        TEXT NOT NULL,
+    last_create    TEXT NOT NULL DEFAULT '',
+    last_delete    TEXT NOT NULL DEFAULT '',
+    PRIMARY KEY (namespace, vm_name)
 );
 -- One row per event that reached the CMDB with a message id: what happened to it, once.
 CREATE TABLE IF NOT EXISTS events (
@@ -45,6 +59,7 @@ class Outcome(enum.Enum):
     ABSENT = "absent"            # delete of a record that is not there: nothing to do
     DUPLICATE = "duplicate"      # this message id was applied before: nothing changed
     CONFLICT = "conflict"        # create of a record another message already created
+    STALE = "stale"              # published before the VM's latest applied change: nothing to do
     UNSUPPORTED = "unsupported"  # get / update: never applied
 
 
@@ -77,8 +92,9 @@ def transaction(con: sqlite3.Connection):
     con.execute("COMMIT")
 
 
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+def _now(offset_microseconds: int = 0) -> str:
+    moment = datetime.now(timezone.utc) + timedelta(microseconds=offset_microseconds)
+    return moment.isoformat(timespec="microseconds")  # as events.parse writes publish times
 
 
 def apply(con: sqlite3.Connection, event: Event) -> Outcome:
@@ -88,14 +104,14 @@ def apply(con: sqlite3.Connection, event: Event) -> Outcome:
 
 def apply_many(con: sqlite3.Connection, events: list[Event]) -> list[Outcome]:
     """Apply events in order, in one transaction: each at most once per message id, all or none written."""
-    now = _now()
     outcomes = [Outcome.UNSUPPORTED] * len(events)
     supported = [i for i, event in enumerate(events) if event.action in ("create", "delete")]
     if not supported:
         return outcomes
     with transaction(con):
-        for i in supported:
-            outcomes[i] = _apply_one(con, events[i], now)
+        for order, i in enumerate(supported):
+            # Events posted without a publish time (not from Pub/Sub) count as published now, in order.
+            outcomes[i] = _apply_one(con, events[i], _now(order))
     return outcomes
 
 
@@ -104,16 +120,29 @@ def _apply_one(con: sqlite3.Connection, event: Event, now: str) -> Outcome:
         seen = con.execute("SELECT 1 FROM events WHERE message_id = ?", (event.message_id,)).fetchone()
         if seen:
             return Outcome.DUPLICATE
+    version = event.publish_time or now
+    key = (event.namespace, event.vm_name)
+    existed = con.execute("SELECT 1 FROM vms WHERE namespace = ? AND vm_name = ?", key).fetchone() is not None
+    column = "last_create" if event.action == "create" else "last_delete"
+    last_create, last_delete = con.execute(
+        f"INSERT INTO vm_versions (namespace, vm_name, {column}) VALUES (?, ?, ?)"
+        f" ON CONFLICT (namespace, vm_name) DO UPDATE SET {column} = max({column}, excluded.{column})"
+        " RETURNING last_create, last_delete", (*key, version)).fetchone()
+    exists = last_create > last_delete  # the latest published change wins; a tie counts as deleted
+    if exists and not existed:
+        con.execute("INSERT INTO vms (vm_name, namespace, message, created_at, updated_at, last_message_id)"
+                    " VALUES (?, ?, ?, ?, ?, ?)",
+                    (event.vm_name, event.namespace, event.message, now, now, event.message_id))
+        return _logged(con, event, now, Outcome.CREATED)
+    if existed and not exists:
+        con.execute("DELETE FROM vms WHERE namespace = ? AND vm_name = ?", key)
+        return _logged(con, event, now, Outcome.DELETED)
     if event.action == "create":
-        inserted = con.execute(
-            "INSERT INTO vms (vm_name, namespace, message, created_at, updated_at, last_message_id)"
-            " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (namespace, vm_name) DO NOTHING",
-            (event.vm_name, event.namespace, event.message, now, now, event.message_id)).rowcount
-        outcome = Outcome.CREATED if inserted else Outcome.CONFLICT
-    else:
-        deleted = con.execute("DELETE FROM vms WHERE namespace = ? AND vm_name = ?",
-                              (event.namespace, event.vm_name)).rowcount
-        outcome = Outcome.DELETED if deleted else Outcome.ABSENT
+        return _logged(con, event, now, Outcome.CONFLICT if existed else Outcome.STALE)
+    return _logged(con, event, now, Outcome.STALE if existed else Outcome.ABSENT)
+
+
+def _logged(con: sqlite3.Connection, event: Event, now: str, outcome: Outcome) -> Outcome:
     if event.message_id is not None:
         con.execute(
             "INSERT INTO events (message_id, action, vm_name, namespace, publish_time, applied_at, outcome)"

@@ -33,7 +33,8 @@ RETRY_DELAYS_SECONDS = (0.5, 1, 2, 4, 8)  # in-place retries while the server is
 REQUEST_TIMEOUT_SECONDS = 30
 
 _UNCHANGED = {"duplicate": "was applied before (a redelivery)",
-              "conflict": "creates a record another message created"}
+              "conflict": "creates a record another message created",
+              "stale": "is older than the VM's latest change"}
 
 
 class _ServerHealth:

@@ -12,9 +12,10 @@ def valid(**overrides):
 
 
 def test_parse_valid_event():
-    event, errors = events.parse(valid(message_id="42", publish_time="2026-01-01T00:00:00+00:00"))
+    event, errors = events.parse(valid(message_id="42", publish_time="2026-01-01T01:00:00+01:00"))
     assert errors == {}
-    assert event == events.Event("create", "vm-1", "Customer 1", "12:00:00 - hi", "42", "2026-01-01T00:00:00+00:00")
+    assert event == events.Event("create", "vm-1", "Customer 1", "12:00:00 - hi", "42",
+                                 "2026-01-01T00:00:00.000000+00:00")  # UTC with microseconds: sorts as text
 
 
 def test_parse_strips_names_and_defaults_message():
@@ -44,7 +45,9 @@ def test_missing_field_is_named(field):
     ({"message": ["x"]}, "message", "must be a string"),
     ({"message": "a\x00b"}, "message", "NUL"),
     ({"message_id": ""}, "message_id", "non-empty string"),
-    ({"publish_time": 5}, "publish_time", "non-empty string"),
+    ({"publish_time": 5}, "publish_time", "ISO 8601 time with a time zone"),
+    ({"publish_time": "yesterday"}, "publish_time", "ISO 8601 time with a time zone"),
+    ({"publish_time": "2026-01-01T00:00:00"}, "publish_time", "ISO 8601 time with a time zone"),
 ])
 def test_invalid_field_is_named(overrides, field, words):
     event, errors = events.parse(valid(**overrides))
@@ -74,7 +77,7 @@ def test_round_trip_through_pubsub_fields():
     parsed, errors = events.parse(fields)
     assert errors == {}
     assert parsed == events.Event("create", "vm-1", "Customer 2", "03:04:05 - hello", "m-1",
-                                  "2026-01-02T03:04:05+00:00")
+                                  "2026-01-02T03:04:05.000000+00:00")
 
 
 def test_foreign_message_without_attributes_decodes_and_fails_validation():

@@ -17,12 +17,16 @@ def con(tmp_path):
     connection.close()
 
 
-def create(name="vm-1", message_id=None, namespace="ns"):
-    return Event("create", name, namespace, "hello", message_id)
+def at(second):
+    return f"2026-01-01T00:00:{second:02d}.000000+00:00"
 
 
-def delete(name="vm-1", message_id=None, namespace="ns"):
-    return Event("delete", name, namespace, "", message_id)
+def create(name="vm-1", message_id=None, namespace="ns", published=None):
+    return Event("create", name, namespace, "hello", message_id, published)
+
+
+def delete(name="vm-1", message_id=None, namespace="ns", published=None):
+    return Event("delete", name, namespace, "", message_id, published)
 
 
 def names(con):
@@ -80,11 +84,10 @@ def test_unsupported_actions_change_nothing_and_are_not_recorded(con, action):
 
 
 def test_events_are_logged_with_outcome(con):
-    store.apply(con, Event("create", "vm-1", "ns", "x", "1", "2026-01-01T00:00:00+00:00"))
+    store.apply(con, create(message_id="1", published=at(0)))
     store.apply(con, create(message_id="2"))
     rows = con.execute("SELECT message_id, action, outcome, publish_time FROM events ORDER BY message_id").fetchall()
-    assert [tuple(r) for r in rows] == [("1", "create", "created", "2026-01-01T00:00:00+00:00"),
-                                        ("2", "create", "conflict", None)]
+    assert [tuple(r) for r in rows] == [("1", "create", "created", at(0)), ("2", "create", "conflict", None)]
 
 
 def test_failed_write_leaves_nothing_half_written(con):
@@ -126,3 +129,30 @@ def test_batch_keeps_order_and_outcomes(con):
                                       Event("update", "a", "ns", "", "4")])
     assert [o.value for o in outcomes] == ["created", "deleted", "created", "duplicate", "unsupported"]
     assert store.records(con)[0]["last_message_id"] == "3"
+
+
+def test_a_create_published_before_the_latest_delete_is_stale(con):
+    assert store.apply(con, delete(message_id="2", published=at(2))) is Outcome.ABSENT  # arrived first
+    assert store.apply(con, create(message_id="1", published=at(1))) is Outcome.STALE
+    assert store.count(con) == 0
+    assert store.apply(con, create(message_id="3", published=at(3))) is Outcome.CREATED
+
+
+def test_a_delete_published_before_the_records_create_is_stale(con):
+    assert store.apply(con, create(message_id="3", published=at(3))) is Outcome.CREATED  # arrived first
+    assert store.apply(con, delete(message_id="2", published=at(2))) is Outcome.STALE
+    assert store.apply(con, create(message_id="1", published=at(1))) is Outcome.CONFLICT
+    assert names(con) == [("ns", "vm-1")]
+
+
+def test_any_arrival_order_ends_in_the_last_published_state(con):
+    import itertools
+    history = [create(message_id="1", published=at(1)), delete(message_id="2", published=at(2)),
+               create(message_id="3", published=at(3)), delete(message_id="4", published=at(4)),
+               create(message_id="5", published=at(5))]
+    for vm, order in enumerate(itertools.permutations(history)):
+        name = f"vm-{vm}"
+        for event in order:
+            store.apply(con, Event(event.action, name, "ns", "", f"{name}-{event.message_id}", event.publish_time))
+        assert ("ns", name) in names(con), order
+    assert store.count(con) == 120

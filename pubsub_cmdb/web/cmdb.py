@@ -37,6 +37,7 @@ STATUS = {
     Outcome.ABSENT: 200,
     Outcome.DUPLICATE: 200,   # a redelivery: already applied, acknowledge it
     Outcome.CONFLICT: 409,    # another message created this record: nothing to do
+    Outcome.STALE: 200,       # older than the VM's latest change (arrived out of order): nothing to do
     Outcome.UNSUPPORTED: 400,
 }
 
