@@ -8,6 +8,7 @@ from pubsub_cmdb.config import load_settings
 from pubsub_cmdb.web import create_app
 
 from . import services
+from .e2e import System
 
 REQUIRE_EMULATOR = os.environ.get("PUBSUB_CMDB_REQUIRE_EMULATOR") == "1"  # set by .ci/run
 
@@ -49,6 +50,23 @@ def env(tmp_path, names):
 @pytest.fixture
 def emulator_env(env, emulator_host):
     return dict(env, BROKER="emulator", PUBSUB_EMULATOR_HOST=emulator_host)
+
+
+@pytest.fixture(params=["embedded", "emulator"])
+def backend_env(request, env):
+    """The environment for each broker in turn: the embedded one, then Google's emulator."""
+    if request.param == "emulator":
+        return dict(env, BROKER="emulator", PUBSUB_EMULATOR_HOST=request.getfixturevalue("emulator_host"))
+    return dict(env, BROKER="embedded")
+
+
+@pytest.fixture
+def system(backend_env, tmp_path):
+    """main.py serving on the broker of `backend_env`; tests start subscriber.py when they need it."""
+    running = System(backend_env, tmp_path)
+    running.start_web()
+    yield running
+    running.stop()
 
 
 @pytest.fixture

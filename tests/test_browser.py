@@ -4,9 +4,9 @@ import shutil
 
 import pytest
 
-from .e2e import System, eventually
+from .e2e import eventually
 
-pytestmark = [pytest.mark.browser, pytest.mark.emulator]
+pytestmark = pytest.mark.browser
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
@@ -36,14 +36,6 @@ def page(browser):
     page.on("pageerror", lambda e: page.problems.append(str(e)))
     yield page
     context.close()
-
-
-@pytest.fixture
-def system(emulator_env, tmp_path):
-    running = System(emulator_env, tmp_path)
-    running.start_web()
-    yield running
-    running.stop()
 
 
 def publish(page, action, vm_name, namespace, text):

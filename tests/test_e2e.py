@@ -1,5 +1,6 @@
-"""The whole path against Google's Pub/Sub emulator, with main.py and subscriber.py as real processes:
-browser form → topic → subscriber.py → POST /cmdb → cmdb.sqlite → /cmdb page, and /messages with ACK."""
+"""The whole path on each broker (embedded, Google's emulator), with main.py and subscriber.py as real
+processes: browser form → topic → subscriber.py → POST /cmdb → cmdb.sqlite → /cmdb page, and /messages
+with ACK."""
 import time
 
 import pytest
@@ -7,19 +8,10 @@ import requests
 
 from pubsub_cmdb import events
 from pubsub_cmdb.config import load_settings
-from pubsub_cmdb.google_broker import GoogleBroker
+from pubsub_cmdb.broker import make_broker
 
 from .e2e import System, eventually, pulled_rows
 
-pytestmark = pytest.mark.emulator
-
-
-@pytest.fixture
-def system(emulator_env, tmp_path):
-    running = System(emulator_env, tmp_path)
-    running.start_web()
-    yield running
-    running.stop()
 
 
 def test_create_from_the_form_shows_on_cmdb_and_delete_removes_it(system):
@@ -62,8 +54,8 @@ def test_get_and_update_stay_on_the_queue_until_acked(system):
     assert [r[1] for r in system.records()] == ["vm-marker"]
 
 
-def test_messages_page_shows_fields_and_foreign_messages(system, emulator_env):
-    broker = GoogleBroker(load_settings(emulator_env))
+def test_messages_page_shows_fields_and_foreign_messages(system, backend_env):
+    broker = make_broker(load_settings(backend_env))
     broker.publish(b"\xff raw bytes from another publisher", {"source": "elsewhere"})
     system.publish("update", "vm-shown", "Customer 3", "look at me")
     page = system.page_with("/messages", "vm-shown", "raw bytes")
@@ -90,10 +82,10 @@ def test_invalid_form_input_is_400_and_nothing_is_published(system):
     assert list(rows) == ["vm-valid"]
 
 
-def test_a_redelivered_create_is_harmless(system, emulator_env):
+def test_a_redelivered_create_is_harmless(system, backend_env):
     """A create applied whose ack was lost (e.g. the subscriber died) comes back: no second row, then acked."""
     system.publish("create", "vm-twice")
-    broker = GoogleBroker(load_settings(emulator_env))
+    broker = make_broker(load_settings(backend_env))
     pulled = eventually(lambda: broker.pull(1), what="the create")[0]
     body = events.from_pubsub(pulled.data, pulled.attributes, pulled.message_id, pulled.publish_time)
     assert requests.post(system.url + "/cmdb", json=body).status_code == 201  # applied, never acked
@@ -108,11 +100,11 @@ def test_a_redelivered_create_is_harmless(system, emulator_env):
     broker.close()
 
 
-def test_subscriber_waits_for_a_web_server_that_is_not_up_yet(emulator_env, tmp_path):
-    system = System(emulator_env, tmp_path)
+def test_subscriber_waits_for_a_web_server_that_is_not_up_yet(backend_env, tmp_path):
+    system = System(backend_env, tmp_path)
     try:
         system.start_subscriber()
-        broker = GoogleBroker(load_settings(emulator_env))
+        broker = make_broker(load_settings(backend_env))
         data, attributes = events.to_pubsub(events.Event("create", "vm-late", "Customer 1", "x"))
         broker.publish(data, attributes)
         time.sleep(3)
@@ -130,8 +122,8 @@ def test_subscriber_stops_cleanly_on_sigterm(system):
     assert "stopping" in system.log("subscriber")
 
 
-def test_one_vms_events_end_in_the_last_published_state_across_two_subscribers(system, emulator_env):
-    broker = GoogleBroker(load_settings(emulator_env))
+def test_one_vms_events_end_in_the_last_published_state_across_two_subscribers(system, backend_env):
+    broker = make_broker(load_settings(backend_env))
     broker.provision()
     sequence = ["create", "delete"] * 10 + ["create"]
     for i, action in enumerate(sequence):
@@ -140,7 +132,7 @@ def test_one_vms_events_end_in_the_last_published_state_across_two_subscribers(s
             data, attributes = events.to_pubsub(event)
             broker.publish(data, attributes, events.ordering_key(event))
     system.start_subscriber()
-    second = System(emulator_env, system.logs / "second")
+    second = System(backend_env, system.logs / "second")
     (system.logs / "second").mkdir()
     second.start_subscriber()
     try:
