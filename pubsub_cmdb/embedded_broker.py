@@ -164,7 +164,9 @@ WHERE subscription_id = :sub AND message_id IN (
     WHERE d.subscription_id = :sub AND d.visible_at <= :now
       AND (m.ordering_key = '' OR NOT EXISTS (
           SELECT 1 FROM messages older JOIN deliveries od ON od.message_id = older.id
-          WHERE older.ordering_key = m.ordering_key AND older.id < m.id AND od.subscription_id = :sub))
+          -- "!= ''" is implied, but without it sqlite cannot use the partial index and scans every delivery
+          WHERE older.ordering_key = m.ordering_key AND older.ordering_key != '' AND older.id < m.id
+            AND od.subscription_id = :sub))
     ORDER BY d.visible_at LIMIT :n)
 RETURNING message_id, attempts
 """
