@@ -23,13 +23,13 @@ import sqlite3
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Callable, Mapping
 
 from .broker import (Broker, BrokerError, Message, PulledMessage, StreamingPull, UnknownAckId,
                      dead_letter_subscription)
+from .sqlite_tx import write_transaction as _write
 
 log = logging.getLogger(__name__)
 
@@ -95,18 +95,6 @@ def _connect(path: str, synchronous: str) -> sqlite3.Connection:
     con.execute("PRAGMA journal_mode=WAL")
     con.execute(f"PRAGMA synchronous={synchronous}")
     return con
-
-
-@contextmanager
-def _write(con: sqlite3.Connection):
-    """One write transaction; IMMEDIATE takes the write lock up front, so it cannot deadlock halfway."""
-    con.execute("BEGIN IMMEDIATE")
-    try:
-        yield con
-    except BaseException:
-        con.execute("ROLLBACK")
-        raise
-    con.execute("COMMIT")
 
 
 def _now_us() -> int:

@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import enum
 import sqlite3
-from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 
 from .events import Event
+from .sqlite_tx import write_transaction as transaction
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS vms (
@@ -78,18 +78,6 @@ def init_schema(path: str) -> None:
         con.executescript(SCHEMA)
     finally:
         con.close()
-
-
-@contextmanager
-def transaction(con: sqlite3.Connection):
-    """BEGIN IMMEDIATE takes the write lock up front, so check-then-write cannot race."""
-    con.execute("BEGIN IMMEDIATE")
-    try:
-        yield con
-    except BaseException:
-        con.execute("ROLLBACK")
-        raise
-    con.execute("COMMIT")
 
 
 def _now(offset_microseconds: int = 0) -> str:
