@@ -25,7 +25,7 @@ test: $(VENV)/.dev
 # The embedded broker alone, then backlog drain on the emulator beside the seed design and the ceiling.
 bench: $(VENV)/.runtime
 	$(PY) -m pubsub_cmdb.bench_embedded --n $(or $(N),20000)
-	$(PY) ../shared/bench/drain.py --n $(or $(N),3000)
+	$(PY) ../shared/bench/drain.py --n $(or $(N),3000) --project-dir .
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis
