@@ -453,6 +453,8 @@ def test_two_subscriber_processes_never_hold_the_same_message(backend):
     assert all(len(worker.words("held")) >= 30 for worker in workers), "one worker got (nearly) nothing"
 
 
+@known_difference("emulator", "Google's emulator sometimes strands the messages of a SIGKILLed streaming "
+                              "subscriber for minutes (measured: 5 of 5 back after 6 s, 2 of 5 and 0 of 5 in 300 s)")
 @started_early
 def test_messages_held_by_a_killed_subscriber_process_come_back(backend):
     backend.use_dead_letter_topic(max_delivery_attempts=10)  # so that both backends count attempts
