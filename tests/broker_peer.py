@@ -63,9 +63,11 @@ _print_lock = threading.Lock()
 
 
 def say(*words) -> None:
-    """One whole line on stdout (print from several callback threads at once would interleave)."""
+    """One whole line on stdout, in one write: print() writes word by word, so lines from several callback
+    threads would interleave, and a SIGKILL could cut one short."""
     with _print_lock:
-        print(*words, flush=True)
+        sys.stdout.write(" ".join(map(str, words)) + "\n")
+        sys.stdout.flush()
 
 
 def main(argv: list[str]) -> None:

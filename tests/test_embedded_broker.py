@@ -106,7 +106,7 @@ def test_a_subscriber_killed_while_acking_loses_nothing(backend):
     worker = backend.peer("work", 100, 0)
     worker.wait_for("held", 500)
     worker.kill()  # in the middle of claiming, acking and committing
-    acked_before = {words[0] for words in worker.words("held")}
+    acked_before = {words[0] for words in worker.words("held") if len(words) == 3}
     inbox = Inbox()
     backend.subscribe(broker, inbox, max_messages=100)
     rest = set()
