@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import unicodedata
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Mapping
 
@@ -27,9 +27,6 @@ class Event:
     message: str = ""
     message_id: str | None = None  # set when the event came through Pub/Sub: the key for exactly-once
     publish_time: str | None = None  # ISO 8601, as Pub/Sub stamped it
-
-    def as_json(self) -> dict:
-        return asdict(self)
 
 
 def _has_control_characters(value: str) -> bool:

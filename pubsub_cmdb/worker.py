@@ -12,7 +12,6 @@ streaming pull's callback only queues the message; sender threads post what has 
 """
 from __future__ import annotations
 
-import json
 import logging
 import queue
 import threading
@@ -26,7 +25,7 @@ from .broker import Message
 log = logging.getLogger("subscriber")
 
 BATCH_SIZE = 500
-BATCH_BYTES = 1024 * 1024  # POST /cmdb takes up to 2 MB
+BATCH_BYTES = 1024 * 1024  # POST /cmdb takes up to 2 MB: half of it leaves room for JSON escaping
 BATCH_LINGER_SECONDS = 0.005  # how long a sender waits for a batch to fill once it has one message
 SENDERS = 2  # one posts while the other gathers the next batch
 RETRY_DELAYS_SECONDS = (0.5, 1, 2, 4, 8)  # in-place retries while the server is down or failing
@@ -93,21 +92,27 @@ class EventForwarder:
     def _send_batches(self) -> None:
         session = requests.Session()  # keep-alive: one connection per sender
         session.headers.update(self._headers)
+        carry = None  # a message that did not fit the last batch: it starts the next one
         while True:
-            batch = self._gather()
-            if batch:
-                self._deliver(session, batch)
-            elif batch is None:
+            batch, carry = self._gather(carry)
+            if batch is None:
                 return
+            self._deliver(session, batch)
 
-    def _gather(self):
-        """Up to BATCH_SIZE queued messages (waiting briefly for more once there is one); None at the end."""
-        first = self._waiting.get()
+    @staticmethod
+    def _size(item) -> int:
+        """About how many bytes an event adds to a batch: its text plus room for the other fields."""
+        return len(item[1]["message"]) * 2 + 512  # a character may take 2 bytes or more in JSON
+
+    def _gather(self, first):
+        """(batch, carry): up to BATCH_SIZE queued messages under BATCH_BYTES, waiting briefly for more once
+        there is one; a message that would overflow the batch is carried to the next. (None, None) at the end."""
+        first = first or self._waiting.get()
         if first is None:
-            return None
-        batch, size = [first], len(json.dumps(first[1]))
+            return None, None
+        batch, size = [first], self._size(first)
         deadline = time.monotonic() + BATCH_LINGER_SECONDS
-        while len(batch) < BATCH_SIZE and size < BATCH_BYTES:
+        while len(batch) < BATCH_SIZE:
             try:
                 item = self._waiting.get(timeout=max(0.0, deadline - time.monotonic()))
             except queue.Empty:
@@ -115,12 +120,18 @@ class EventForwarder:
             if item is None:
                 self._waiting.put(None)  # leave the end marker for this sender's next round
                 break
+            if size + self._size(item) > BATCH_BYTES:
+                return batch, item  # an oversized message (another publisher's) goes alone: refused alone
             batch.append(item)
-            size += len(json.dumps(item[1]))
-        return batch
+            size += self._size(item)
+        return batch, None
 
     def _post(self, session: requests.Session, bodies: list[dict]):
-        """The list of per-event results, or None when the server stayed unreachable or failing."""
+        """The list of per-event results, or None when the server stayed unreachable or failing.
+
+        A request the server refuses as a whole (413 too large, 401 no token) is answered for each event:
+        the server is up, and retrying the same request cannot help.
+        """
         for delay in (*self._retry_delays, None):
             try:
                 response = session.post(self.url, json=bodies, timeout=REQUEST_TIMEOUT_SECONDS)
@@ -130,6 +141,11 @@ class EventForwarder:
                         self._health.up()
                         return results
                     self._health.down("unexpected answer")
+                elif response.status_code < 500:
+                    self._health.up()
+                    refused = {"status": response.status_code, "error": f"the server refused the request: "
+                               f"HTTP {response.status_code} {response.reason}"}
+                    return [refused] * len(bodies)
                 else:
                     self._health.down(f"HTTP {response.status_code}")
             except (requests.RequestException, ValueError) as error:

@@ -112,9 +112,20 @@ def test_close_finishes_the_messages_in_hand(server):
 
 
 def test_without_the_token_nothing_is_applied(server):
-    forwarder = worker.EventForwarder(server, "not-the-token", retry_delays=(0.05,))
+    forwarder = worker.EventForwarder(server, "not-the-token")
     message = RecordedMessage("create", "vm-1")
     forwarder(message)
-    answered([message])
+    answered([message], 5)  # a refusal is not retried in place
     assert message.answer == "nack"
+    forwarder.close()
+
+
+def test_an_oversized_message_is_refused_alone_and_the_rest_applied(server):
+    forwarder = worker.EventForwarder(server, TOKEN)
+    small = [RecordedMessage("create", f"vm-{i}") for i in range(3)]
+    huge = RecordedMessage("create", "vm-huge", data=b"x" * (3 * 1024 * 1024))  # past the server's 2 MB
+    for message in (small[0], huge, small[1], small[2]):
+        forwarder(message)
+    answered(small + [huge], 5)  # refused at once: no in-place retries for a request the server refuses
+    assert [m.answer for m in small] == ["ack"] * 3 and huge.answer == "nack"
     forwarder.close()
