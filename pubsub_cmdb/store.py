@@ -63,9 +63,9 @@ class Outcome(enum.Enum):
     UNSUPPORTED = "unsupported"  # get / update: never applied
 
 
-def connect(path: str) -> sqlite3.Connection:
+def connect(path: str, busy_timeout: float = BUSY_TIMEOUT_SECONDS) -> sqlite3.Connection:
     """A connection in autocommit mode; `transaction()` opens the write transactions explicitly."""
-    con = sqlite3.connect(path, timeout=BUSY_TIMEOUT_SECONDS, isolation_level=None, check_same_thread=False)
+    con = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None, check_same_thread=False)
     con.row_factory = sqlite3.Row
     con.execute("PRAGMA synchronous = NORMAL")  # with WAL: durable across process crashes
     return con
@@ -78,6 +78,11 @@ def init_schema(path: str) -> None:
         con.executescript(SCHEMA)
     finally:
         con.close()
+
+
+def is_busy(error: sqlite3.Error) -> bool:
+    """True for "database is locked" / "busy": another writer kept the lock past the busy timeout."""
+    return isinstance(error, sqlite3.OperationalError) and ("locked" in str(error) or "busy" in str(error))
 
 
 def _now(offset_microseconds: int = 0) -> str:

@@ -1,4 +1,7 @@
 """POST /cmdb and GET /cmdb through the Flask test client over a real sqlite file."""
+import sqlite3
+import threading
+
 import pytest
 
 from pubsub_cmdb.config import load_settings
@@ -136,3 +139,29 @@ def test_with_an_api_token_post_cmdb_needs_it(env):
         assert response.status_code == 401 and "bearer token" in response.json["error"]
     assert "No records yet" in client.get("/cmdb").get_data(as_text=True)
     assert client.post("/cmdb", json=event(), headers={"Authorization": "Bearer s3cret"}).status_code == 201
+
+
+def test_a_cmdb_locked_past_the_busy_timeout_is_503_and_nothing_written(app, client, env):
+    app.config["CMDB_BUSY_TIMEOUT_SECONDS"] = 0.1
+    locker = sqlite3.connect(env["CMDB_DATABASE"], isolation_level=None)
+    locker.execute("BEGIN IMMEDIATE")  # another process holds the write lock
+    try:
+        response = client.post("/cmdb", json=[event(message_id="m1"), event(vm_name="vm-2", message_id="m2")])
+    finally:
+        locker.execute("ROLLBACK")
+    assert response.status_code == 503 and response.headers["Retry-After"] == "1"
+    assert "database is locked" in response.json["error"]
+    assert client.get("/cmdb").status_code == 200  # readers are never blocked (WAL)
+    assert post(client, **event(message_id="m1")).status_code == 201  # lock released: applied, once
+    locker.close()
+
+
+def test_a_cmdb_locked_briefly_is_waited_for(client, env):
+    locker = sqlite3.connect(env["CMDB_DATABASE"], isolation_level=None, check_same_thread=False)
+    locker.execute("BEGIN IMMEDIATE")
+    releaser = threading.Timer(0.5, lambda: locker.execute("ROLLBACK"))
+    releaser.start()
+    response = post(client, **event(message_id="m1"))  # waits within the 30 s busy timeout
+    releaser.join()
+    locker.close()
+    assert response.status_code == 201

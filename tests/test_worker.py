@@ -1,9 +1,12 @@
 """subscriber.py's per-message logic (EventForwarder) against the real app served over loopback."""
 import sqlite3
 import threading
+import time
+from contextlib import contextmanager
 from datetime import datetime, timezone
 
 import pytest
+from flask import Flask
 from werkzeug.serving import make_server
 
 from pubsub_cmdb import worker
@@ -40,16 +43,26 @@ class RecordedMessage:
 TOKEN = "worker-test-token"
 
 
-@pytest.fixture
-def server(env):
+@contextmanager
+def serving(env, port, **config):
+    """The real app served over loopback on `port` (werkzeug's threaded server) while in the block."""
     app = create_app(load_settings(dict(env, BROKER="emulator", PUBSUB_EMULATOR_HOST="127.0.0.1:9",
                                         CMDB_API_TOKEN=TOKEN)))
-    port = int(env["PORT"])
+    app.config.update(config)
     http = make_server("127.0.0.1", port, app, threaded=True)
     thread = threading.Thread(target=http.serve_forever, daemon=True)
     thread.start()
-    yield f"http://127.0.0.1:{port}"
-    http.shutdown()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        http.shutdown()
+        http.server_close()
+
+
+@pytest.fixture
+def server(env):
+    with serving(env, int(env["PORT"])) as address:
+        yield address
 
 
 def answered(messages, seconds=10):
@@ -81,17 +94,80 @@ def test_many_messages_are_applied_once_each(server, env):
     forwarder.close()
 
 
-def test_server_down_nacks_after_the_retries_and_logs_once(caplog):
-    address = f"http://127.0.0.1:{services.free_port()}"  # nothing listens there
-    forwarder = worker.EventForwarder(address, retry_delays=(0.05, 0.05))
+def test_server_down_holds_the_messages_until_it_is_back_and_logs_each_change_once(env, caplog):
+    port = int(env["PORT"])
+    forwarder = worker.EventForwarder(f"http://127.0.0.1:{port}", TOKEN, outage_pauses=(0.05, 0.2))
     messages = [RecordedMessage("create", f"vm-{i}") for i in range(3)]
     with caplog.at_level("INFO", logger="subscriber"):
         for message in messages:
             forwarder(message)
-        answered(messages)
+        time.sleep(2)  # nothing listens: many attempts, no answer given to the broker
+        assert [m.answer for m in messages] == [None] * 3
+        with serving(env, port):
+            answered(messages)
+            assert [m.answer for m in messages] == ["ack"] * 3
+            forwarder.close()
+    logged = [r.getMessage() for r in caplog.records]
+    assert sum("unavailable (ConnectionError)" in line for line in logged) == 1, logged
+    assert sum("is back" in line for line in logged) == 1, logged
+
+
+def test_stopping_during_an_outage_nacks_the_messages_in_hand():
+    forwarder = worker.EventForwarder(f"http://127.0.0.1:{services.free_port()}", outage_pauses=(0.05, 0.2))
+    messages = [RecordedMessage("create", f"vm-{i}") for i in range(3)]
+    for message in messages:
+        forwarder(message)
+    time.sleep(0.5)
+    assert [m.answer for m in messages] == [None] * 3
+    forwarder.close(seconds=5)
     assert [m.answer for m in messages] == ["nack"] * 3
-    assert sum("unavailable" in r.getMessage() for r in caplog.records) == 1
-    forwarder.close()
+
+
+def test_a_locked_cmdb_is_an_outage_waited_out_not_a_lost_event(env, caplog):
+    """The server answers 503 when sqlite stays locked past its busy timeout; the events wait, then apply."""
+    port = int(env["PORT"])
+    with serving(env, port, CMDB_BUSY_TIMEOUT_SECONDS=0.1) as address:
+        locker = sqlite3.connect(env["CMDB_DATABASE"], isolation_level=None)
+        locker.execute("BEGIN IMMEDIATE")  # another writer holds the lock
+        forwarder = worker.EventForwarder(address, TOKEN, outage_pauses=(0.05, 0.2))
+        messages = [RecordedMessage("create", f"vm-{i}") for i in range(3)]
+        with caplog.at_level("INFO", logger="subscriber"):
+            for message in messages:
+                forwarder(message)
+            time.sleep(1.5)
+            assert [m.answer for m in messages] == [None] * 3
+            locker.execute("ROLLBACK")
+            answered(messages)
+        forwarder.close()
+        locker.close()
+    assert [m.answer for m in messages] == ["ack"] * 3
+    assert any("unavailable (HTTP 503)" in r.getMessage() for r in caplog.records)
+    with sqlite3.connect(env["CMDB_DATABASE"]) as con:
+        assert con.execute("SELECT count(*) FROM vms").fetchone() == (3,)
+
+
+def test_a_batch_the_server_fails_on_is_retried_a_few_times_then_nacked(env):
+    failing = Flask("failing")
+    calls = []
+
+    @failing.post("/cmdb")
+    def fail():
+        calls.append(1)
+        return "boom", 500
+
+    port = int(env["PORT"])
+    http = make_server("127.0.0.1", port, failing, threaded=True)
+    threading.Thread(target=http.serve_forever, daemon=True).start()
+    try:
+        forwarder = worker.EventForwarder(f"http://127.0.0.1:{port}", retry_delays=(0.05, 0.05))
+        message = RecordedMessage("create", "vm-1")
+        forwarder(message)
+        answered([message])
+        forwarder.close()
+    finally:
+        http.shutdown()
+        http.server_close()
+    assert message.answer == "nack" and len(calls) == 3  # the first attempt and two retries
 
 
 def test_after_close_new_messages_are_nacked(server):

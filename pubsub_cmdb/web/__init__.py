@@ -1,9 +1,10 @@
 """The Flask app: an app factory and one blueprint per page group (publish, messages, cmdb)."""
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 
-from flask import Flask, jsonify, request
+from flask import Flask, current_app, jsonify, request
 from flask_wtf.csrf import CSRFProtect
 
 from .. import store
@@ -24,6 +25,7 @@ def create_app(settings: Settings, broker: Broker | None = None) -> Flask:
         MAX_CONTENT_LENGTH=MAX_REQUEST_BYTES,
         WTF_CSRF_TIME_LIMIT=None,  # a form left open for hours still submits
         SETTINGS=settings,
+        CMDB_BUSY_TIMEOUT_SECONDS=store.BUSY_TIMEOUT_SECONDS,  # how long a request waits for a locked CMDB
     )
     if broker is not None:
         app.extensions["broker"] = broker  # else made on first use: POST /cmdb and /cmdb never need one
@@ -36,6 +38,7 @@ def create_app(settings: Settings, broker: Broker | None = None) -> Flask:
     csrf.exempt(cmdb.apply_event)  # a JSON API for subscriber.py, not a browser form
     app.after_request(_security_headers)
     app.register_error_handler(413, _too_large)
+    app.register_error_handler(sqlite3.OperationalError, _cmdb_busy)
     return app
 
 
@@ -44,6 +47,17 @@ def _too_large(error):
     if request.path == "/cmdb":
         return jsonify(error=message), 413
     return message, 413
+
+
+def _cmdb_busy(error):
+    """Another process held the CMDB's write lock past the busy timeout: nothing was written (the
+    transaction rolled back); 503 tells subscriber.py to hold the events and try again."""
+    if not store.is_busy(error):
+        raise error
+    current_app.logger.warning("CMDB busy: %s", error)
+    message = "the CMDB is busy (database is locked); nothing was written, try again"
+    body = jsonify(error=message) if request.path == "/cmdb" else message
+    return body, 503, {"Retry-After": "1"}
 
 
 def _security_headers(response):

@@ -12,7 +12,8 @@ _broker_lock = threading.Lock()
 
 def get_db():
     if "db" not in g:
-        g.db = store.connect(current_app.config["SETTINGS"].cmdb_database)
+        g.db = store.connect(current_app.config["SETTINGS"].cmdb_database,
+                             current_app.config["CMDB_BUSY_TIMEOUT_SECONDS"])
     return g.db
 
 
