@@ -93,12 +93,12 @@ def field_errors(fields: Mapping) -> dict[str, str]:
     if value is not None and (not isinstance(value, str) or not value or len(value) > MAX_MESSAGE_ID
                               or _has_control_characters(value) or not _is_unicode(value)):
         errors["message_id"] = f"message_id must be a non-empty string of at most {MAX_MESSAGE_ID} characters"
-    if fields.get("publish_time") is not None and _utc_time(fields["publish_time"]) is None:
+    if fields.get("publish_time") is not None and utc_time(fields["publish_time"]) is None:
         errors["publish_time"] = "publish_time must be an ISO 8601 time with a time zone"
     return errors
 
 
-def _utc_time(value) -> str | None:
+def utc_time(value) -> str | None:
     """An ISO 8601 time with a zone as UTC with microseconds (so that times sort as text), or None."""
     if not isinstance(value, str) or len(value) > 64:
         return None
@@ -127,7 +127,7 @@ def parse(fields: Mapping) -> tuple[Event | None, dict[str, str]]:
         namespace=fields["namespace"].strip(),
         message=fields.get("message") or "",
         message_id=fields.get("message_id"),
-        publish_time=_utc_time(fields["publish_time"]) if fields.get("publish_time") is not None else None,
+        publish_time=utc_time(fields["publish_time"]) if fields.get("publish_time") is not None else None,
     ), {}
 
 

@@ -1,7 +1,8 @@
 """The CMDB: a sqlite file with the `vms` table and the log of applied events.
 
 Every change to `vms` is decided and written in one transaction together with its row in `events`,
-keyed by the Pub/Sub message id: a redelivered message finds its row and changes nothing.
+keyed by the Pub/Sub message id: a redelivered message finds its row and changes nothing. Deliveries
+that change nothing (get/update, invalid events) are logged there too, with the reason.
 
 Events may also arrive out of publish order (a broker without ordering, redeliveries after a crash):
 `vm_versions` keeps, per VM, the publish time of the latest create and of the latest delete seen, and
@@ -13,9 +14,10 @@ from __future__ import annotations
 
 import enum
 import sqlite3
+from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
-from .events import Event
+from .events import MAX_NAME, SUPPORTED_ACTIONS, Event
 from .sqlite_tx import write_transaction as transaction
 
 SCHEMA = """
@@ -37,18 +39,32 @@ CREATE TABLE IF NOT EXISTS vm_versions (
     last_delete    TEXT NOT NULL DEFAULT '',
     PRIMARY KEY (namespace, vm_name)
 );
--- One row per event that reached the CMDB with a message id: what happened to it, once.
+-- The event log: one row per message id that reached the CMDB, applied or not. `outcome` is what its
+-- first delivery did; later deliveries (redeliveries: duplicates, or nacked get/update coming back)
+-- only count up `deliveries` and move `last_delivery_at`.
 CREATE TABLE IF NOT EXISTS events (
-    message_id   TEXT PRIMARY KEY,
-    action       TEXT NOT NULL,
-    vm_name      TEXT NOT NULL,
-    namespace    TEXT NOT NULL,
-    publish_time TEXT,
-    applied_at   TEXT NOT NULL,
-    outcome      TEXT NOT NULL
+    message_id       TEXT PRIMARY KEY,
+    action           TEXT NOT NULL,
+    vm_name          TEXT NOT NULL,
+    namespace        TEXT NOT NULL,
+    publish_time     TEXT,
+    applied_at       TEXT NOT NULL,  -- when its first delivery was handled
+    outcome          TEXT NOT NULL,
+    deliveries       INTEGER NOT NULL DEFAULT 1,
+    last_delivery_at TEXT,
+    detail           TEXT NOT NULL DEFAULT ''  -- why it was not applied (unsupported, invalid)
 );
 CREATE INDEX IF NOT EXISTS events_by_vm ON events (namespace, vm_name, applied_at);
 """
+# Columns added to `events` after the first release: a CMDB file made before gets them at start.
+ADDED_EVENT_COLUMNS = {
+    "deliveries": "INTEGER NOT NULL DEFAULT 1",
+    "last_delivery_at": "TEXT",
+    "detail": "TEXT NOT NULL DEFAULT ''",
+}
+# Made after those columns exist. Partial: only the few rows that were never applied.
+NOT_APPLIED_INDEX = ("CREATE INDEX IF NOT EXISTS events_not_applied ON events (last_delivery_at)"
+                     " WHERE outcome IN ('unsupported', 'invalid')")
 
 BUSY_TIMEOUT_SECONDS = 30  # another writer holds the lock: wait for it rather than fail the event
 
@@ -61,6 +77,29 @@ class Outcome(enum.Enum):
     CONFLICT = "conflict"        # create of a record another message already created
     STALE = "stale"              # published before the VM's latest applied change: nothing to do
     UNSUPPORTED = "unsupported"  # get / update: never applied
+    INVALID = "invalid"          # a delivery that is not a valid event (e.g. another publisher's message)
+
+
+@dataclass(frozen=True)
+class Rejected:
+    """A delivery that failed validation, kept in the event log under its message id with the reason.
+
+    Fields are as received, made storable: text only, cut to MAX_NAME characters.
+    """
+    message_id: str
+    action: str
+    vm_name: str
+    namespace: str
+    publish_time: str | None
+    reason: str
+
+    @classmethod
+    def of(cls, message_id: str, fields: dict, publish_time: str | None, reason: str) -> "Rejected":
+        def storable(value) -> str:
+            text = value if isinstance(value, str) else ""
+            return text[:MAX_NAME].encode("utf-8", errors="replace").decode("utf-8")
+        return cls(message_id, storable(fields.get("action")), storable(fields.get("vm_name")),
+                   storable(fields.get("namespace")), publish_time, reason)
 
 
 def connect(path: str, busy_timeout: float = BUSY_TIMEOUT_SECONDS) -> sqlite3.Connection:
@@ -76,6 +115,12 @@ def init_schema(path: str) -> None:
     try:
         con.execute("PRAGMA journal_mode = WAL")  # readers never block the writer
         con.executescript(SCHEMA)
+        with transaction(con):  # two processes starting at once must not both add a column
+            present = {row["name"] for row in con.execute("PRAGMA table_info(events)")}
+            for column, definition in ADDED_EVENT_COLUMNS.items():
+                if column not in present:
+                    con.execute(f"ALTER TABLE events ADD COLUMN {column} {definition}")
+            con.execute(NOT_APPLIED_INDEX)
     finally:
         con.close()
 
@@ -95,22 +140,47 @@ def apply(con: sqlite3.Connection, event: Event) -> Outcome:
     return apply_many(con, [event])[0]
 
 
-def apply_many(con: sqlite3.Connection, events: list[Event]) -> list[Outcome]:
-    """Apply events in order, in one transaction: each at most once per message id, all or none written."""
-    outcomes = [Outcome.UNSUPPORTED] * len(events)
-    supported = [i for i, event in enumerate(events) if event.action in ("create", "delete")]
-    if not supported:
-        return outcomes
+def apply_many(con: sqlite3.Connection, items: list[Event | Rejected]) -> list[Outcome]:
+    """Apply events in order, in one transaction: each at most once per message id, all or none written.
+
+    get/update events and `Rejected` deliveries change no record; those with a message id are logged
+    (UNSUPPORTED / INVALID with the reason), so the log shows what stays stuck on the queue and why.
+    """
+    if not any(isinstance(item, Event) and item.action in SUPPORTED_ACTIONS or item.message_id is not None
+               for item in items):
+        return [Outcome.INVALID if isinstance(item, Rejected) else Outcome.UNSUPPORTED for item in items]
+    outcomes = []
     with transaction(con):
-        for order, i in enumerate(supported):
+        for order, item in enumerate(items):
             # Events posted without a publish time (not from Pub/Sub) count as published now, in order.
-            outcomes[i] = _apply_one(con, events[i], _now(order))
+            now = _now(order)
+            if isinstance(item, Rejected):
+                outcomes.append(_log_not_applied(con, item, now, Outcome.INVALID, item.reason))
+            elif item.action not in SUPPORTED_ACTIONS:
+                outcomes.append(_log_not_applied(con, item, now, Outcome.UNSUPPORTED,
+                                                 f"action not supported: {item.action}"))
+            else:
+                outcomes.append(_apply_one(con, item, now))
     return outcomes
+
+
+def _log_not_applied(con, item: Event | Rejected, now: str, outcome: Outcome, reason: str) -> Outcome:
+    """Log a delivery that changes no record: a new row, or one more delivery of a known message id."""
+    if item.message_id is not None:
+        con.execute(
+            "INSERT INTO events (message_id, action, vm_name, namespace, publish_time, applied_at, outcome,"
+            " last_delivery_at, detail) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+            " ON CONFLICT (message_id) DO UPDATE SET deliveries = deliveries + 1,"
+            " last_delivery_at = excluded.last_delivery_at",
+            (item.message_id, item.action, item.vm_name, item.namespace, item.publish_time, now,
+             outcome.value, now, reason))
+    return outcome
 
 
 def _apply_one(con: sqlite3.Connection, event: Event, now: str) -> Outcome:
     if event.message_id is not None:
-        seen = con.execute("SELECT 1 FROM events WHERE message_id = ?", (event.message_id,)).fetchone()
+        seen = con.execute("UPDATE events SET deliveries = deliveries + 1, last_delivery_at = ?"
+                           " WHERE message_id = ? RETURNING 1", (now, event.message_id)).fetchone()
         if seen:
             return Outcome.DUPLICATE
     version = event.publish_time or now
@@ -138,10 +208,10 @@ def _apply_one(con: sqlite3.Connection, event: Event, now: str) -> Outcome:
 def _logged(con: sqlite3.Connection, event: Event, now: str, outcome: Outcome) -> Outcome:
     if event.message_id is not None:
         con.execute(
-            "INSERT INTO events (message_id, action, vm_name, namespace, publish_time, applied_at, outcome)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO events (message_id, action, vm_name, namespace, publish_time, applied_at, outcome,"
+            " last_delivery_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
             (event.message_id, event.action, event.vm_name, event.namespace, event.publish_time, now,
-             outcome.value))
+             outcome.value, now))
     return outcome
 
 
@@ -149,6 +219,20 @@ def records(con: sqlite3.Connection, limit: int = 500) -> list[sqlite3.Row]:
     """The newest records first."""
     return con.execute("SELECT id, vm_name, namespace, message, created_at, updated_at, last_message_id"
                        " FROM vms ORDER BY id DESC LIMIT ?", (limit,)).fetchall()
+
+
+def history(con: sqlite3.Connection, namespace: str, vm_name: str) -> list[sqlite3.Row]:
+    """One VM's event log, oldest first: every message that named it, with what it did."""
+    return con.execute("SELECT message_id, action, publish_time, applied_at, outcome, deliveries,"
+                       " last_delivery_at, detail FROM events WHERE namespace = ? AND vm_name = ?"
+                       " ORDER BY applied_at, rowid", (namespace, vm_name)).fetchall()
+
+
+def not_applied(con: sqlite3.Connection, limit: int = 100) -> list[sqlite3.Row]:
+    """Deliveries that were never applied (unsupported, invalid), most recently delivered first."""
+    return con.execute("SELECT message_id, action, vm_name, namespace, outcome, deliveries, last_delivery_at,"
+                       " detail FROM events WHERE outcome IN ('unsupported', 'invalid')"  # as in NOT_APPLIED_INDEX
+                       " ORDER BY last_delivery_at DESC LIMIT ?", (limit,)).fetchall()
 
 
 def count(con: sqlite3.Connection) -> int:

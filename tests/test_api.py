@@ -4,6 +4,7 @@ import threading
 
 import pytest
 
+from pubsub_cmdb import store
 from pubsub_cmdb.config import load_settings
 from pubsub_cmdb.web import create_app
 
@@ -165,3 +166,21 @@ def test_a_cmdb_locked_briefly_is_waited_for(client, env):
     releaser.join()
     locker.close()
     assert response.status_code == 201
+
+
+def test_invalid_deliveries_with_a_message_id_are_logged_with_the_reason(app, client):
+    bad = {"action": "create", "vm_name": "bad\x07name", "namespace": "Customer 1", "message_id": "m9"}
+    for _ in range(2):  # nacked, then delivered again
+        response = client.post("/cmdb", json=[bad, event(action="update", message_id="m10")])
+        assert [r["outcome"] for r in response.json["results"]] == ["invalid", "unsupported"]
+    assert post(client, action="create").status_code == 400  # no message id: nothing to log it under
+    con = store.connect(app.config["SETTINGS"].cmdb_database)
+    rows = {r["message_id"]: r for r in store.not_applied(con)}
+    con.close()
+    assert set(rows) == {"m9", "m10"}
+    assert (rows["m9"]["vm_name"], rows["m9"]["deliveries"], rows["m9"]["detail"]) == (
+        "bad\x07name", 2, "vm_name must not contain control characters")
+    assert rows["m10"]["detail"] == "action not supported: update"
+    page = client.get("/cmdb").get_data(as_text=True)
+    assert "Not applied" in page and "vm_name must not contain control characters" in page
+    assert "<td>m9</td>" in page and "<td>m10</td>" in page and "action not supported: update" in page

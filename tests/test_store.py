@@ -77,10 +77,57 @@ def test_delete_of_missing_record_is_absent(con):
 
 
 @pytest.mark.parametrize("action", ["get", "update"])
-def test_unsupported_actions_change_nothing_and_are_not_recorded(con, action):
+def test_unsupported_actions_change_nothing_and_are_logged_once_per_message(con, action):
     assert store.apply(con, Event(action, "vm-1", "ns", "", "5")) is Outcome.UNSUPPORTED
+    assert store.apply(con, Event(action, "vm-1", "ns", "", "5")) is Outcome.UNSUPPORTED  # nacked, back again
     assert store.count(con) == 0
+    [row] = store.history(con, "ns", "vm-1")
+    assert (row["message_id"], row["action"], row["outcome"], row["deliveries"], row["detail"]) == (
+        "5", action, "unsupported", 2, f"action not supported: {action}")
+    assert [r["message_id"] for r in store.not_applied(con)] == ["5"]
+
+
+def test_unsupported_actions_without_a_message_id_write_nothing(con):
+    assert store.apply(con, Event("get", "vm-1", "ns")) is Outcome.UNSUPPORTED
     assert con.execute("SELECT count(*) FROM events").fetchone()[0] == 0
+
+
+def test_a_rejected_delivery_is_logged_with_its_reason_and_counted(con):
+    rejected = store.Rejected.of("7", {"action": "create", "vm_name": "x" * 300 + "\ud800", "namespace": 3},
+                                 at(7), "vm_name must be at most 255 characters; namespace must be a string")
+    assert store.apply_many(con, [rejected, create(message_id="8")]) == [Outcome.INVALID, Outcome.CREATED]
+    assert store.apply_many(con, [rejected]) == [Outcome.INVALID]
+    [row] = store.not_applied(con)
+    assert (row["message_id"], row["vm_name"], row["namespace"], row["outcome"], row["deliveries"]) == (
+        "7", "x" * 255, "", "invalid", 2)
+    assert row["detail"].startswith("vm_name must be at most 255")
+
+
+def test_redeliveries_of_an_applied_event_are_counted_on_its_row(con):
+    store.apply(con, create(message_id="1", published=at(1)))
+    assert store.apply(con, create(message_id="1", published=at(1))) is Outcome.DUPLICATE
+    assert store.apply(con, create(message_id="1", published=at(1))) is Outcome.DUPLICATE
+    store.apply(con, delete(message_id="2", published=at(2)))
+    rows = store.history(con, "ns", "vm-1")
+    assert [(r["message_id"], r["outcome"], r["deliveries"]) for r in rows] == [("1", "created", 3),
+                                                                                ("2", "deleted", 1)]
+    assert rows[0]["last_delivery_at"] > rows[0]["applied_at"]
+    assert store.not_applied(con) == []
+
+
+def test_a_cmdb_file_from_before_the_event_log_columns_is_upgraded(tmp_path):
+    path = str(tmp_path / "old.sqlite")
+    with sqlite3.connect(path) as old:
+        old.execute("CREATE TABLE events (message_id TEXT PRIMARY KEY, action TEXT NOT NULL, vm_name TEXT NOT NULL,"
+                    " namespace TEXT NOT NULL, publish_time TEXT, applied_at TEXT NOT NULL, outcome TEXT NOT NULL)")
+        old.execute("INSERT INTO events VALUES ('1', 'create', 'vm-1', 'ns', NULL, '2026-01-01', 'created')")
+    store.init_schema(path)
+    store.init_schema(path)  # a second start changes nothing
+    con = store.connect(path)
+    assert store.apply(con, create(message_id="1")) is Outcome.DUPLICATE
+    assert [tuple(r)[:6] for r in store.history(con, "ns", "vm-1")] == [
+        ("1", "create", None, "2026-01-01", "created", 2)]
+    con.close()
 
 
 def test_events_are_logged_with_outcome(con):
@@ -128,6 +175,8 @@ def test_batch_keeps_order_and_outcomes(con):
     outcomes = store.apply_many(con, [create("a", "1"), delete("a", "2"), create("a", "3"), create("a", "1"),
                                       Event("update", "a", "ns", "", "4")])
     assert [o.value for o in outcomes] == ["created", "deleted", "created", "duplicate", "unsupported"]
+    assert [r["outcome"] for r in store.history(con, "ns", "a")] == [
+        "created", "deleted", "created", "unsupported"]
     assert store.records(con)[0]["last_message_id"] == "3"
 
 

@@ -15,6 +15,7 @@ from .context import get_db
 bp = Blueprint("cmdb", __name__)
 MAX_BATCH = 1000
 MAX_BATCH_BYTES = 2 * 1024 * 1024  # subscriber.py keeps its batches under 1 MB
+NOT_APPLIED_SHOWN = 50
 
 
 @bp.before_request
@@ -39,13 +40,15 @@ STATUS = {
     Outcome.CONFLICT: 409,    # another message created this record: nothing to do
     Outcome.STALE: 200,       # older than the VM's latest change (arrived out of order): nothing to do
     Outcome.UNSUPPORTED: 400,
+    Outcome.INVALID: 400,
 }
 
 
 @bp.get("/cmdb")
 def show_records():
     con = get_db()
-    return render_template("cmdb.html", records=store.records(con), total=store.count(con))
+    return render_template("cmdb.html", records=store.records(con), total=store.count(con),
+                           not_applied=store.not_applied(con, NOT_APPLIED_SHOWN))
 
 
 @bp.post("/cmdb")
@@ -64,19 +67,29 @@ def apply_event():
 
 
 def _apply(bodies: list) -> list[tuple[dict, int]]:
-    """Validate every event, apply the valid ones in one transaction; a (result, status) per event."""
+    """Validate every event, apply the valid ones in one transaction; a (result, status) per event.
+
+    An invalid event that carries a message id (a delivery from Pub/Sub) is logged with the reason.
+    """
     parsed = [events.parse(body) for body in bodies]
-    valid = [event for event, errors in parsed if not errors]
-    outcomes = iter(store.apply_many(get_db(), valid))
+    items = [event if event else _rejected(body, errors) for body, (event, errors) in zip(bodies, parsed)]
+    outcomes = iter(store.apply_many(get_db(), [item for item in items if item is not None]))
     answers = []
-    for event, errors in parsed:
-        if errors:
+    for item, (event, errors) in zip(items, parsed):
+        outcome = next(outcomes) if item is not None else Outcome.INVALID
+        if outcome is Outcome.INVALID:
             answers.append(({"error": "; ".join(errors.values()), "fields": errors, "outcome": "invalid"}, 400))
-            continue
-        outcome = next(outcomes)
-        if outcome is Outcome.UNSUPPORTED:
+        elif outcome is Outcome.UNSUPPORTED:
             answers.append(({"error": f"action not supported: {event.action}", "outcome": outcome.value}, 400))
         else:
             answers.append(({"outcome": outcome.value, "vm_name": event.vm_name, "namespace": event.namespace},
                             STATUS[outcome]))
     return answers
+
+
+def _rejected(body, errors: dict) -> store.Rejected | None:
+    """The log entry for an invalid event, or None when it has no usable message id to key it by."""
+    if not isinstance(body, dict) or "message_id" in errors or not body.get("message_id"):
+        return None
+    return store.Rejected.of(body["message_id"], body, events.utc_time(body.get("publish_time")),
+                             "; ".join(errors.values()))
