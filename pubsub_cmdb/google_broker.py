@@ -90,28 +90,36 @@ class GoogleBroker(Broker):
             raise BrokerError(f"cannot create {request['name']}: {error.message}") from error
 
     def publish(self, data: bytes, attributes: Mapping[str, str], ordering_key: str = "") -> str:
-        future = self._publisher.publish(self.topic_path, data, ordering_key=ordering_key,
-                                         timeout=PUBLISH_TIMEOUT_SECONDS, **attributes)
-        try:
-            return future.result(timeout=PUBLISH_TIMEOUT_SECONDS)
-        except (gexc.GoogleAPICallError, TimeoutError) as error:
-            if ordering_key:
-                # A failed publish pauses its ordering key in the library until resumed.
-                self._publisher.resume_publish(self.topic_path, ordering_key)
-            reason = getattr(error, "message", None) or f"no answer from {self.description} in {PUBLISH_TIMEOUT_SECONDS} s"
-            raise BrokerError(f"publish failed: {reason}") from error
+        for first_try in (True, False):
+            future = self._publisher.publish(self.topic_path, data, ordering_key=ordering_key,
+                                             timeout=PUBLISH_TIMEOUT_SECONDS, **attributes)
+            try:
+                return future.result(timeout=PUBLISH_TIMEOUT_SECONDS)
+            except (gexc.GoogleAPICallError, TimeoutError) as error:
+                if ordering_key:
+                    # A failed publish pauses its ordering key in the library until resumed.
+                    self._publisher.resume_publish(self.topic_path, ordering_key)
+                if first_try and self._provisioned_again(error):
+                    continue
+                reason = (getattr(error, "message", None)
+                          or f"no answer from {self.description} in {PUBLISH_TIMEOUT_SECONDS} s")
+                raise BrokerError(f"publish failed: {reason}") from error
 
     def pull(self, max_messages: int = 10) -> list[PulledMessage]:
         request = {"subscription": self.subscription_path, "max_messages": max_messages}
         if self._on_emulator:
             # The emulator answers at once with what it has; GCP deprecates this flag, so there we wait briefly.
             request["return_immediately"] = True
-        try:
-            response = self._subscriber.pull(request=request, timeout=PULL_TIMEOUT_SECONDS, retry=None)
-        except gexc.DeadlineExceeded:
-            return []
-        except gexc.GoogleAPICallError as error:
-            raise BrokerError(f"pull failed: {error.message}") from error
+        for first_try in (True, False):
+            try:
+                response = self._subscriber.pull(request=request, timeout=PULL_TIMEOUT_SECONDS, retry=None)
+                break
+            except gexc.DeadlineExceeded:
+                return []
+            except gexc.GoogleAPICallError as error:
+                if first_try and self._provisioned_again(error):
+                    continue
+                raise BrokerError(f"pull failed: {error.message}") from error
         return [PulledMessage(
             ack_id=received.ack_id,
             message_id=received.message.message_id,
@@ -121,6 +129,19 @@ class GoogleBroker(Broker):
             # Pub/Sub counts attempts only where a dead-letter policy is set; 0 means "not counted".
             delivery_attempt=received.delivery_attempt or None,
         ) for received in response.received_messages]
+
+    def _provisioned_again(self, error: Exception) -> bool:
+        """After NotFound, create the topic and subscription again (as at start) and say so.
+
+        The emulator keeps nothing across a restart; on GCP someone may have deleted them.
+        """
+        if not isinstance(error, gexc.NotFound):
+            return False
+        try:
+            self.provision()
+        except BrokerError:
+            return False
+        return True
 
     def acknowledge(self, ack_id: str) -> None:
         try:

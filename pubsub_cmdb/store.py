@@ -1,7 +1,7 @@
 """The CMDB: a sqlite file with the `vms` table and the log of applied events.
 
 Every change to `vms` is decided and written in one transaction together with its row in `events`,
-keyed by the Pub/Sub message id: a redelivered message finds its row and changes nothing. Deliveries
+keyed by the Pub/Sub message id and publish time: a redelivered message finds its row and changes nothing. Deliveries
 that change nothing (get/update, invalid events) are logged there too, with the reason.
 
 Events may also arrive out of publish order (a broker without ordering, redeliveries after a crash):
@@ -20,51 +20,59 @@ from datetime import datetime, timedelta, timezone
 from .events import MAX_NAME, SUPPORTED_ACTIONS, Event
 from .sqlite_tx import write_transaction as transaction
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS vms (
-    id              INTEGER PRIMARY KEY AUTOINCREMENT,
-    vm_name         TEXT NOT NULL,
-    namespace       TEXT NOT NULL,
-    message         TEXT NOT NULL DEFAULT '',
-    created_at      TEXT NOT NULL,
-    updated_at      TEXT NOT NULL,
-    last_message_id TEXT,
-    UNIQUE (namespace, vm_name)
-);
--- Per VM, the publish times of the latest create and delete seen (UTC ISO 8601: they sort as text).
-CREATE TABLE IF NOT EXISTS vm_versions (
-    namespace      TEXT NOT NULL,
-    vm_name        TEXT NOT NULL,
-    last_create    TEXT NOT NULL DEFAULT '',
-    last_delete    TEXT NOT NULL DEFAULT '',
-    PRIMARY KEY (namespace, vm_name)
-);
--- The event log: one row per message id that reached the CMDB, applied or not. `outcome` is what its
--- first delivery did; later deliveries (redeliveries: duplicates, or nacked get/update coming back)
--- only count up `deliveries` and move `last_delivery_at`.
-CREATE TABLE IF NOT EXISTS events (
-    message_id       TEXT PRIMARY KEY,
-    action           TEXT NOT NULL,
-    vm_name          TEXT NOT NULL,
-    namespace        TEXT NOT NULL,
-    publish_time     TEXT,
-    applied_at       TEXT NOT NULL,  -- when its first delivery was handled
-    outcome          TEXT NOT NULL,
-    deliveries       INTEGER NOT NULL DEFAULT 1,
-    last_delivery_at TEXT,
-    detail           TEXT NOT NULL DEFAULT ''  -- why it was not applied (unsupported, invalid)
-);
-CREATE INDEX IF NOT EXISTS events_by_vm ON events (namespace, vm_name, applied_at);
-"""
-# Columns added to `events` after the first release: a CMDB file made before gets them at start.
-ADDED_EVENT_COLUMNS = {
-    "deliveries": "INTEGER NOT NULL DEFAULT 1",
-    "last_delivery_at": "TEXT",
-    "detail": "TEXT NOT NULL DEFAULT ''",
-}
-# Made after those columns exist. Partial: only the few rows that were never applied.
-NOT_APPLIED_INDEX = ("CREATE INDEX IF NOT EXISTS events_not_applied ON events (last_delivery_at)"
-                     " WHERE outcome IN ('unsupported', 'invalid')")
+TABLES = [
+    """CREATE TABLE IF NOT EXISTS vms (
+        id              INTEGER PRIMARY KEY AUTOINCREMENT,
+        vm_name         TEXT NOT NULL,
+        namespace       TEXT NOT NULL,
+        message         TEXT NOT NULL DEFAULT '',
+        created_at      TEXT NOT NULL,
+        updated_at      TEXT NOT NULL,
+        last_message_id TEXT,
+        UNIQUE (namespace, vm_name)
+    )""",
+    # Per VM, the publish times of the latest create and delete seen (UTC ISO 8601: they sort as text).
+    """CREATE TABLE IF NOT EXISTS vm_versions (
+        namespace      TEXT NOT NULL,
+        vm_name        TEXT NOT NULL,
+        last_create    TEXT NOT NULL DEFAULT '',
+        last_delete    TEXT NOT NULL DEFAULT '',
+        PRIMARY KEY (namespace, vm_name)
+    )""",
+    # The event log: one row per message that reached the CMDB, applied or not. A message is its id
+    # *and* publish time: the emulator numbers messages from 1 again after each restart, so an id alone
+    # would take a new event for an old one. ('' stands for "no publish time": posted, not from Pub/Sub.)
+    # `outcome` is what its first delivery did; redeliveries (duplicates, nacked get/update coming
+    # back) only count up `deliveries` and move `last_delivery_at`.
+    """CREATE TABLE IF NOT EXISTS events (
+        message_id       TEXT NOT NULL,
+        action           TEXT NOT NULL,
+        vm_name          TEXT NOT NULL,
+        namespace        TEXT NOT NULL,
+        publish_time     TEXT NOT NULL DEFAULT '',
+        applied_at       TEXT NOT NULL,  -- when its first delivery was handled
+        outcome          TEXT NOT NULL,
+        deliveries       INTEGER NOT NULL DEFAULT 1,
+        last_delivery_at TEXT,
+        detail           TEXT NOT NULL DEFAULT '',  -- why it was not applied (unsupported, invalid)
+        PRIMARY KEY (message_id, publish_time)
+    )""",
+]
+INDEXES = [
+    "CREATE INDEX IF NOT EXISTS events_by_vm ON events (namespace, vm_name, applied_at)",
+    # Partial: only the few rows that were never applied.
+    "CREATE INDEX IF NOT EXISTS events_not_applied ON events (last_delivery_at)"
+    " WHERE outcome IN ('unsupported', 'invalid')",
+]
+# A CMDB file from before the event log took publish times into its key: its rows, into the new table.
+UPGRADE_EVENTS = [
+    "ALTER TABLE events RENAME TO events_before_upgrade",
+    TABLES[2],
+    "INSERT INTO events (message_id, action, vm_name, namespace, publish_time, applied_at, outcome,"
+    " last_delivery_at) SELECT message_id, action, vm_name, namespace, coalesce(publish_time, ''), applied_at,"
+    " outcome, applied_at FROM events_before_upgrade",
+    "DROP TABLE events_before_upgrade",
+]
 
 BUSY_TIMEOUT_SECONDS = 30  # another writer holds the lock: wait for it rather than fail the event
 
@@ -114,13 +122,13 @@ def init_schema(path: str) -> None:
     con = connect(path)
     try:
         con.execute("PRAGMA journal_mode = WAL")  # readers never block the writer
-        con.executescript(SCHEMA)
-        with transaction(con):  # two processes starting at once must not both add a column
-            present = {row["name"] for row in con.execute("PRAGMA table_info(events)")}
-            for column, definition in ADDED_EVENT_COLUMNS.items():
-                if column not in present:
-                    con.execute(f"ALTER TABLE events ADD COLUMN {column} {definition}")
-            con.execute(NOT_APPLIED_INDEX)
+        with transaction(con):  # two processes starting at once: one creates or upgrades, the other waits
+            key = [row["name"] for row in con.execute("PRAGMA table_info(events)") if row["pk"]]
+            if key == ["message_id"]:
+                for statement in UPGRADE_EVENTS:
+                    con.execute(statement)
+            for statement in TABLES + INDEXES:
+                con.execute(statement)
     finally:
         con.close()
 
@@ -170,9 +178,9 @@ def _log_not_applied(con, item: Event | Rejected, now: str, outcome: Outcome, re
         con.execute(
             "INSERT INTO events (message_id, action, vm_name, namespace, publish_time, applied_at, outcome,"
             " last_delivery_at, detail) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
-            " ON CONFLICT (message_id) DO UPDATE SET deliveries = deliveries + 1,"
+            " ON CONFLICT (message_id, publish_time) DO UPDATE SET deliveries = deliveries + 1,"
             " last_delivery_at = excluded.last_delivery_at",
-            (item.message_id, item.action, item.vm_name, item.namespace, item.publish_time, now,
+            (item.message_id, item.action, item.vm_name, item.namespace, item.publish_time or "", now,
              outcome.value, now, reason))
     return outcome
 
@@ -180,7 +188,8 @@ def _log_not_applied(con, item: Event | Rejected, now: str, outcome: Outcome, re
 def _apply_one(con: sqlite3.Connection, event: Event, now: str) -> Outcome:
     if event.message_id is not None:
         seen = con.execute("UPDATE events SET deliveries = deliveries + 1, last_delivery_at = ?"
-                           " WHERE message_id = ? RETURNING 1", (now, event.message_id)).fetchone()
+                           " WHERE message_id = ? AND publish_time = ? RETURNING 1",
+                           (now, event.message_id, event.publish_time or "")).fetchone()
         if seen:
             return Outcome.DUPLICATE
     version = event.publish_time or now
@@ -210,7 +219,7 @@ def _logged(con: sqlite3.Connection, event: Event, now: str, outcome: Outcome) -
         con.execute(
             "INSERT INTO events (message_id, action, vm_name, namespace, publish_time, applied_at, outcome,"
             " last_delivery_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (event.message_id, event.action, event.vm_name, event.namespace, event.publish_time, now,
+            (event.message_id, event.action, event.vm_name, event.namespace, event.publish_time or "", now,
              outcome.value, now))
     return outcome
 
@@ -231,7 +240,7 @@ def history(con: sqlite3.Connection, namespace: str, vm_name: str) -> list[sqlit
 def not_applied(con: sqlite3.Connection, limit: int = 100) -> list[sqlite3.Row]:
     """Deliveries that were never applied (unsupported, invalid), most recently delivered first."""
     return con.execute("SELECT message_id, action, vm_name, namespace, outcome, deliveries, last_delivery_at,"
-                       " detail FROM events WHERE outcome IN ('unsupported', 'invalid')"  # as in NOT_APPLIED_INDEX
+                       " detail FROM events WHERE outcome IN ('unsupported', 'invalid')"  # as in the partial index
                        " ORDER BY last_delivery_at DESC LIMIT ?", (limit,)).fetchall()
 
 

@@ -115,7 +115,15 @@ def test_redeliveries_of_an_applied_event_are_counted_on_its_row(con):
     assert store.not_applied(con) == []
 
 
-def test_a_cmdb_file_from_before_the_event_log_columns_is_upgraded(tmp_path):
+def test_a_message_id_reused_with_another_publish_time_is_a_new_event(con):
+    """The emulator numbers messages from 1 again after a restart; the CMDB file outlives it."""
+    assert store.apply(con, create("vm-1", message_id="1", published=at(1))) is Outcome.CREATED
+    assert store.apply(con, create("vm-2", message_id="1", published=at(9))) is Outcome.CREATED
+    assert store.apply(con, create("vm-2", message_id="1", published=at(9))) is Outcome.DUPLICATE
+    assert sorted(names(con)) == [("ns", "vm-1"), ("ns", "vm-2")]
+
+
+def test_a_cmdb_file_from_before_the_event_log_changes_is_upgraded(tmp_path):
     path = str(tmp_path / "old.sqlite")
     with sqlite3.connect(path) as old:
         old.execute("CREATE TABLE events (message_id TEXT PRIMARY KEY, action TEXT NOT NULL, vm_name TEXT NOT NULL,"
@@ -126,7 +134,11 @@ def test_a_cmdb_file_from_before_the_event_log_columns_is_upgraded(tmp_path):
     con = store.connect(path)
     assert store.apply(con, create(message_id="1")) is Outcome.DUPLICATE
     assert [tuple(r)[:6] for r in store.history(con, "ns", "vm-1")] == [
-        ("1", "create", None, "2026-01-01", "created", 2)]
+        ("1", "create", "", "2026-01-01", "created", 2)]
+    key = [row["name"] for row in con.execute("PRAGMA table_info(events)") if row["pk"]]
+    assert key == ["message_id", "publish_time"]
+    assert {row["name"] for row in con.execute("PRAGMA index_list(events)")} >= {"events_by_vm",
+                                                                                "events_not_applied"}
     con.close()
 
 
@@ -134,7 +146,7 @@ def test_events_are_logged_with_outcome(con):
     store.apply(con, create(message_id="1", published=at(0)))
     store.apply(con, create(message_id="2"))
     rows = con.execute("SELECT message_id, action, outcome, publish_time FROM events ORDER BY message_id").fetchall()
-    assert [tuple(r) for r in rows] == [("1", "create", "created", at(0)), ("2", "create", "conflict", None)]
+    assert [tuple(r) for r in rows] == [("1", "create", "created", at(0)), ("2", "create", "conflict", "")]
 
 
 def test_failed_write_leaves_nothing_half_written(con):
