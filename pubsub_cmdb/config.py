@@ -52,6 +52,7 @@ class Settings:
     pubsub_database: str  # the embedded broker's sqlite file
     dead_letter_topic: str | None
     max_delivery_attempts: int
+    retry_backoff: tuple[int, int]  # (min, max) seconds before a nacked message comes back
 
     @property
     def on_emulator(self) -> bool:
@@ -158,6 +159,7 @@ def load_settings(env: dict | None = None) -> Settings:
         pubsub_database=pubsub_database,
         dead_letter_topic=dead_letter_topic,
         max_delivery_attempts=_max_delivery_attempts(env),
+        retry_backoff=_retry_backoff(env),
     )
 
 
@@ -194,6 +196,19 @@ def _max_delivery_attempts(env) -> int:
     if not raw.isdigit() or not 5 <= int(raw) <= 100:
         raise ConfigError(f"MAX_DELIVERY_ATTEMPTS={raw!r} must be a whole number from 5 to 100 (as on Pub/Sub)")
     return int(raw)
+
+
+def _retry_backoff(env) -> tuple[int, int]:
+    """The subscription's retry policy: a nacked message comes back after min, 2 × min, ... up to max s."""
+    bounds = []
+    for key, default in (("RETRY_MIN_BACKOFF", "10"), ("RETRY_MAX_BACKOFF", "600")):
+        raw = env.get(key, "").strip() or default
+        if not raw.isdigit() or int(raw) > 600:
+            raise ConfigError(f"{key}={raw!r} must be a whole number of seconds from 0 to 600 (as on Pub/Sub)")
+        bounds.append(int(raw))
+    if bounds[0] > bounds[1]:
+        raise ConfigError(f"RETRY_MIN_BACKOFF={bounds[0]} is more than RETRY_MAX_BACKOFF={bounds[1]}")
+    return bounds[0], bounds[1]
 
 
 def settings_or_exit(program: str) -> Settings:

@@ -34,8 +34,6 @@ from .sqlite_tx import write_transaction as _write
 log = logging.getLogger(__name__)
 
 ACK_DEADLINE_SECONDS = 10
-RETRY_MIN_BACKOFF_SECONDS = 10
-RETRY_MAX_BACKOFF_SECONDS = 600
 MAX_ACK_DEADLINE_SECONDS = 600  # as on Pub/Sub
 BUSY_TIMEOUT_SECONDS = 30  # how long a writer waits for another process's transaction
 CLAIM_BATCH = 500  # most rows claimed in one transaction
@@ -224,6 +222,7 @@ class EmbeddedBroker(Broker):
         self._subscription_name = settings.subscription_name
         self._dead_letter_topic = settings.dead_letter_topic
         self._max_delivery_attempts = settings.max_delivery_attempts
+        self._retry_backoff = settings.retry_backoff
         self._project = settings.gcp_project
         self._local = threading.local()  # one connection per thread (the web app serves on several)
         self._lock = threading.Lock()
@@ -254,7 +253,7 @@ class EmbeddedBroker(Broker):
     def provision(self) -> list[str]:
         warnings: list[str] = []
         wanted = {"topic": self._topic, "ack_deadline_seconds": ACK_DEADLINE_SECONDS,
-                  "min_backoff_seconds": RETRY_MIN_BACKOFF_SECONDS, "max_backoff_seconds": RETRY_MAX_BACKOFF_SECONDS,
+                  "min_backoff_seconds": self._retry_backoff[0], "max_backoff_seconds": self._retry_backoff[1],
                   "dead_letter_topic": self._dead_letter_topic,
                   "max_delivery_attempts": self._max_delivery_attempts if self._dead_letter_topic else None}
         try:

@@ -14,8 +14,6 @@ from .broker import (Broker, BrokerError, Message, PulledMessage, StreamingPull,
                      dead_letter_subscription)
 
 ACK_DEADLINE_SECONDS = 10
-RETRY_MIN_BACKOFF_SECONDS = 10
-RETRY_MAX_BACKOFF_SECONDS = 600
 PUBLISH_TIMEOUT_SECONDS = 15
 PULL_TIMEOUT_SECONDS = 3
 PUBLISHER_OPTIONS = pubsub_v1.types.PublisherOptions(enable_message_ordering=True)
@@ -48,6 +46,7 @@ class GoogleBroker(Broker):
             self.dead_letter_subscription_path = self._subscriber.subscription_path(
                 settings.gcp_project, dead_letter_subscription(settings.dead_letter_topic))
         self._max_delivery_attempts = settings.max_delivery_attempts
+        self._retry_backoff = settings.retry_backoff
 
     def provision(self) -> list[str]:
         warnings: list[str] = []
@@ -60,10 +59,10 @@ class GoogleBroker(Broker):
             # 848 of 2000 still missing 120 s after one SIGKILL, against full recovery in 30 s without).
             # The CMDB converges whatever the arrival order anyway (store.py), so ordering is an optimisation.
             "enable_message_ordering": not self._on_emulator,
-            # Nacked messages come back after 10 s, then 20 s, ... up to 10 min: never a hot loop.
+            # Nacked messages come back after 10 s, then 20 s, ... up to 10 min (RETRY_MIN/MAX_BACKOFF).
             "retry_policy": {
-                "minimum_backoff": duration_pb2.Duration(seconds=RETRY_MIN_BACKOFF_SECONDS),
-                "maximum_backoff": duration_pb2.Duration(seconds=RETRY_MAX_BACKOFF_SECONDS),
+                "minimum_backoff": duration_pb2.Duration(seconds=self._retry_backoff[0]),
+                "maximum_backoff": duration_pb2.Duration(seconds=self._retry_backoff[1]),
             },
         }
         if self.dead_letter_topic_path:

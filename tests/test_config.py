@@ -44,6 +44,12 @@ def test_generated_secret_is_kept_per_instance(tmp_path):
     assert load_settings(dict(env, SECRET="given")).secret == "given"
 
 
+def test_retry_backoff_defaults_to_10_s_up_to_10_min(tmp_path):
+    env = {"PUBSUB_EMULATOR_HOST": "h:1", "CMDB_DATABASE": str(tmp_path / "c.sqlite")}
+    assert load_settings(env).retry_backoff == (10, 600)
+    assert load_settings(dict(env, RETRY_MIN_BACKOFF="0", RETRY_MAX_BACKOFF="0")).retry_backoff == (0, 0)
+
+
 def test_customers_are_split_and_trimmed(tmp_path):
     settings = load_settings({"PUBSUB_EMULATOR_HOST": "h:1", "CUSTOMERS": " acme , globex,,acme",
                               "CMDB_DATABASE": str(tmp_path / "c.sqlite")})
@@ -56,6 +62,9 @@ def test_customers_are_split_and_trimmed(tmp_path):
     ({"BROKER": "gcp"}, "GCP_PROJECT"),
     ({"PUBSUB_EMULATOR_HOST": "h:1", "MAX_DELIVERY_ATTEMPTS": "3"}, "MAX_DELIVERY_ATTEMPTS"),
     ({"PUBSUB_EMULATOR_HOST": "h:1", "DEAD_LETTER_TOPIC": "x"}, "DEAD_LETTER_TOPIC"),
+    ({"PUBSUB_EMULATOR_HOST": "h:1", "RETRY_MIN_BACKOFF": "-1"}, "RETRY_MIN_BACKOFF"),
+    ({"PUBSUB_EMULATOR_HOST": "h:1", "RETRY_MAX_BACKOFF": "601"}, "RETRY_MAX_BACKOFF"),
+    ({"PUBSUB_EMULATOR_HOST": "h:1", "RETRY_MIN_BACKOFF": "20", "RETRY_MAX_BACKOFF": "10"}, "RETRY_MIN_BACKOFF"),
     ({"HOST": "0.0.0.0"}, "CMDB_API_TOKEN"),
     ({"HOST": "192.0.2.10"}, "CMDB_API_TOKEN"),
     ({"PUBSUB_EMULATOR_HOST": "nonsense"}, "PUBSUB_EMULATOR_HOST"),
