@@ -5,6 +5,7 @@ from typing import Callable, Mapping
 
 import grpc
 from google.api_core import exceptions as gexc
+from google.api_core import retry
 from google.cloud import pubsub_v1
 from google.protobuf import duration_pb2
 from google.pubsub_v1.services.publisher.transports import PublisherGrpcTransport
@@ -15,6 +16,11 @@ from .broker import (Broker, BrokerError, Message, PulledMessage, StreamingPull,
 
 ACK_DEADLINE_SECONDS = 10
 PUBLISH_TIMEOUT_SECONDS = 15
+# Retry a publish on transient errors for PUBLISH_TIMEOUT_SECONDS in all (the library's default is 10 min).
+PUBLISH_RETRY = retry.Retry(
+    initial=0.1, maximum=2, multiplier=1.5, timeout=PUBLISH_TIMEOUT_SECONDS,
+    predicate=retry.if_exception_type(gexc.ServiceUnavailable, gexc.DeadlineExceeded, gexc.Aborted,
+                                      gexc.InternalServerError, gexc.ResourceExhausted, gexc.Unknown))
 PULL_TIMEOUT_SECONDS = 3
 PUBLISHER_OPTIONS = pubsub_v1.types.PublisherOptions(enable_message_ordering=True)
 
@@ -27,8 +33,8 @@ class GoogleBroker(Broker):
             # says), so one process can talk to several emulators, as the tests do.
             host = settings.emulator_host
             self.description = f"Pub/Sub emulator at {host}"
+            # No message ordering on the emulator (see provision and publish).
             self._publisher = pubsub_v1.PublisherClient(
-                publisher_options=PUBLISHER_OPTIONS,
                 transport=PublisherGrpcTransport(channel=grpc.insecure_channel(host), host=host))
             self._subscriber = pubsub_v1.SubscriberClient(
                 transport=SubscriberGrpcTransport(channel=grpc.insecure_channel(host), host=host))
@@ -89,20 +95,39 @@ class GoogleBroker(Broker):
             raise BrokerError(f"cannot create {request['name']}: {error.message}") from error
 
     def publish(self, data: bytes, attributes: Mapping[str, str], ordering_key: str = "") -> str:
+        if self._on_emulator:
+            # Its subscription is not ordered (see provision). And a client with message ordering
+            # retries every publish forever while the broker is down, instead of failing it after
+            # PUBLISH_RETRY's deadline: on GCP that is the price of ordering.
+            ordering_key = ""
         for first_try in (True, False):
             future = self._publisher.publish(self.topic_path, data, ordering_key=ordering_key,
-                                             timeout=PUBLISH_TIMEOUT_SECONDS, **attributes)
+                                             retry=PUBLISH_RETRY, timeout=PUBLISH_TIMEOUT_SECONDS, **attributes)
             try:
-                return future.result(timeout=PUBLISH_TIMEOUT_SECONDS)
-            except (gexc.GoogleAPICallError, TimeoutError) as error:
+                # Without ordering the library gives up after PUBLISH_RETRY's deadline and fails the future:
+                # wait for that verdict, so that "not published" is never said of a message it still sends.
+                return future.result(timeout=PUBLISH_TIMEOUT_SECONDS + 10)
+            except TimeoutError as error:
+                # With ordering (GCP) the library keeps retrying in the background.
+                raise BrokerError(f"publish not confirmed: no answer from {self.description} in "
+                                  f"{PUBLISH_TIMEOUT_SECONDS + 10} s; it is still being retried and may be "
+                                  "published later (check /cmdb before sending it again)") from error
+            except gexc.RetryError as error:
+                raise BrokerError(f"publish failed: {self.description} did not answer in "
+                                  f"{PUBLISH_TIMEOUT_SECONDS} s ({getattr(error.cause, 'message', error.cause)})") from error
+            except gexc.GoogleAPICallError as error:
                 if ordering_key:
-                    # A failed publish pauses its ordering key in the library until resumed.
-                    self._publisher.resume_publish(self.topic_path, ordering_key)
+                    self._resume(ordering_key)
                 if first_try and self._provisioned_again(error):
                     continue
-                reason = (getattr(error, "message", None)
-                          or f"no answer from {self.description} in {PUBLISH_TIMEOUT_SECONDS} s")
-                raise BrokerError(f"publish failed: {reason}") from error
+                raise BrokerError(f"publish failed: {error.message}") from error
+
+    def _resume(self, ordering_key: str) -> None:
+        """A failed publish pauses its ordering key in the library: let the next one through."""
+        try:
+            self._publisher.resume_publish(self.topic_path, ordering_key)
+        except RuntimeError:  # "Ordering key is not paused": the library has not failed it (yet)
+            pass
 
     def pull(self, max_messages: int = 10) -> list[PulledMessage]:
         request = {"subscription": self.subscription_path, "max_messages": max_messages}
