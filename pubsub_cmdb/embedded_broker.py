@@ -289,8 +289,12 @@ class EmbeddedBroker(Broker):
             row = self._con().execute(
                 "SELECT id, name, ack_deadline_seconds, min_backoff_seconds, max_backoff_seconds, dead_letter_topic, "
                 "max_delivery_attempts FROM subscriptions WHERE name = ?", (self._subscription_name,)).fetchone()
-            if row is None:
-                raise BrokerError(f"subscription {self._subscription_name} does not exist in {self.path}")
+            if row is None:  # as GoogleBroker after NotFound: create what is missing, as at start
+                self.provision()
+                row = self._con().execute(
+                    "SELECT id, name, ack_deadline_seconds, min_backoff_seconds, max_backoff_seconds, "
+                    "dead_letter_topic, max_delivery_attempts FROM subscriptions WHERE name = ?",
+                    (self._subscription_name,)).fetchone()
             self._subscription = _Subscription(*row, project=self._project)
         return self._subscription
 
@@ -305,11 +309,11 @@ class EmbeddedBroker(Broker):
         if not data and not attributes:
             raise BrokerError("publish failed: a message needs data or at least one attribute")
         try:
+            if not self._topic_exists:
+                if self._con().execute("SELECT 1 FROM topics WHERE name = ?", (self._topic,)).fetchone() is None:
+                    self.provision()  # as GoogleBroker after NotFound: create what is missing, as at start
+                self._topic_exists = True  # topics are never deleted
             with _write(self._con()) as con:
-                if not self._topic_exists:
-                    if con.execute("SELECT 1 FROM topics WHERE name = ?", (self._topic,)).fetchone() is None:
-                        raise BrokerError(f"publish failed: topic {self._topic} does not exist in {self.path}")
-                    self._topic_exists = True  # topics are never deleted
                 message_id = _insert_message(con, self._topic, data, attributes, _now_us(), ordering_key)
         except sqlite3.Error as error:
             raise BrokerError(f"publish failed: {error}") from error

@@ -226,12 +226,15 @@ def test_a_message_without_data_or_attributes_is_refused(backend):
         broker.publish(b"", {})
 
 
-def test_publish_and_pull_fail_before_provisioning(backend):
+def test_publish_and_pull_create_a_missing_topic_and_subscription(backend):
+    """As at start; the emulator, for one, keeps nothing across a restart."""
     broker = backend.broker(provision=False)
-    with pytest.raises(BrokerError):
-        broker.publish(b"nowhere", {})
-    with pytest.raises(BrokerError):
-        broker.pull(1)
+    message_id = broker.publish(b"first", {})
+    assert [m.message_id for m in pull_exactly(broker, 1)] == [message_id]
+    late = backend.broker(provision=False, SUBSCRIPTION_NAME=backend.env["SUBSCRIPTION_NAME"] + "-late")
+    assert late.pull(1) == []  # pull creates its subscription too; it gets what is published from now on
+    later_id = broker.publish(b"second", {})
+    assert [m.message_id for m in pull_exactly(late, 1)] == [later_id]
 
 
 def test_provisioning_again_keeps_what_exists(backend):

@@ -73,5 +73,14 @@ def test_publish_ack_and_see_the_cmdb_in_a_browser(page, system, tmp_path):
     eventually(lambda: page.locator("td", has_text="browser-vm").count() or page.reload() and False,
                what="browser-vm on /cmdb")
     assert "made in Chromium <b>bold</b>" in page.locator("tr", has_text="browser-vm").inner_text()
+
+    # An update is never applied: /cmdb lists it under "Not applied", with the reason.
+    page.get_by_role("link", name="Publish").click()
+    publish(page, "update", "browser-update", "Customer 1", "never applied")
+    page.get_by_role("link", name="CMDB").click()
+    refused = page.locator("tr", has_text="browser-update")
+    eventually(lambda: refused.count() or page.reload() and False, what="the update under Not applied")
+    assert "action not supported: update" in refused.inner_text()
+    assert page.get_by_role("heading", name="Not applied").is_visible()
     page.screenshot(path=str(tmp_path / "cmdb.png"), full_page=True)
     assert page.problems == []
