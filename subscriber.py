@@ -36,7 +36,7 @@ def main():
         streaming_pull = None
         try:
             for streaming_pull in subscriptions(broker, forwarder):
-                pass
+                pass  # runs until Ctrl-C / SIGTERM; the latest streaming pull is kept, to stop it below
         except KeyboardInterrupt:
             # A second Ctrl-C or SIGTERM must not cut the shutdown short and leave a message half-done.
             signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -57,18 +57,22 @@ def subscriptions(broker, forwarder: EventForwarder):
     """
     failures, last_problem, announced = 0, None, False
     while True:
-        streaming_pull = broker.subscribe(forwarder, MAX_MESSAGES_HELD)
-        yield streaming_pull
-        if announced:  # once after each logged problem, not after every retry of the same one
-            log.info("subscribed again to %s", broker.description)
-            announced = False
         started = time.monotonic()
         try:
-            streaming_pull.result()
-            problem = "the streaming pull ended"
-        except Exception as error:  # noqa: BLE001 - whatever ended the stream, pull again
-            problem = f"{type(error).__name__}: {error}"
-        _end(streaming_pull)
+            streaming_pull = broker.subscribe(forwarder, MAX_MESSAGES_HELD)
+        except BrokerError as error:  # e.g. the embedded broker's file is locked or unreadable
+            problem = str(error)
+        else:
+            yield streaming_pull
+            if announced:  # once after each logged problem, not after every retry of the same one
+                log.info("subscribed again to %s", broker.description)
+                announced = False
+            try:
+                streaming_pull.result()
+                problem = "the streaming pull ended"
+            except Exception as error:  # noqa: BLE001 - whatever ended the stream, pull again
+                problem = f"{type(error).__name__}: {error}"
+            _end(streaming_pull)
         if time.monotonic() - started > HEALTHY_RUN_SECONDS:
             failures = 0  # a new problem after a good run starts with the shortest pause
         if problem != last_problem:
