@@ -36,14 +36,18 @@ def test_get_and_update_stay_on_the_queue_until_acked(system):
     assert set(rows) == {"vm-get", "vm-update"}
     assert "Acknowledged" in system.ack(rows["vm-get"]).text
 
-    # Subscriber running: the update is refused and nacked, never applied; the acked get is gone for good.
+    # Subscriber running: the update is refused and nacked, never applied, and comes back to it (the
+    # retry policy spaces the deliveries); the acked get is gone for good.
     system.start_subscriber()
     system.publish("create", "vm-marker")
     eventually(lambda: system.records(), what="the marker create")
-    eventually(lambda: "action not supported: update" in system.log("subscriber"), 30,
-               what="the subscriber to refuse the update")
+    eventually(lambda: system.log("subscriber").count("action not supported: update") >= 2, 60,
+               what="the subscriber to refuse the update twice")
     assert system.stop_subscriber() == 0
     assert [r[1] for r in system.records()] == ["vm-marker"]
+    assert "vm-get" not in system.log("subscriber")
+    if system.env["BROKER"] == "emulator":
+        return  # a message nacked by a stream that then closed may take minutes to come back there (README)
 
     # Still on the queue: a new subscriber gets the update again; the get never comes back.
     first_run = system.log("subscriber").count("action not supported: update")
