@@ -286,15 +286,12 @@ class EmbeddedBroker(Broker):
 
     def _sub(self) -> _Subscription:
         if self._subscription is None:
-            row = self._con().execute(
-                "SELECT id, name, ack_deadline_seconds, min_backoff_seconds, max_backoff_seconds, dead_letter_topic, "
-                "max_delivery_attempts FROM subscriptions WHERE name = ?", (self._subscription_name,)).fetchone()
+            query = ("SELECT id, name, ack_deadline_seconds, min_backoff_seconds, max_backoff_seconds, "
+                     "dead_letter_topic, max_delivery_attempts FROM subscriptions WHERE name = ?")
+            row = self._con().execute(query, (self._subscription_name,)).fetchone()
             if row is None:  # as GoogleBroker after NotFound: create what is missing, as at start
                 self.provision()
-                row = self._con().execute(
-                    "SELECT id, name, ack_deadline_seconds, min_backoff_seconds, max_backoff_seconds, "
-                    "dead_letter_topic, max_delivery_attempts FROM subscriptions WHERE name = ?",
-                    (self._subscription_name,)).fetchone()
+                row = self._con().execute(query, (self._subscription_name,)).fetchone()
             self._subscription = _Subscription(*row, project=self._project)
         return self._subscription
 

@@ -113,8 +113,9 @@ class GoogleBroker(Broker):
                                   f"{PUBLISH_TIMEOUT_SECONDS + 10} s; it is still being retried and may be "
                                   "published later (check /cmdb before sending it again)") from error
             except gexc.RetryError as error:
+                last = getattr(error.cause, "message", error.cause)
                 raise BrokerError(f"publish failed: {self.description} did not answer in "
-                                  f"{PUBLISH_TIMEOUT_SECONDS} s ({getattr(error.cause, 'message', error.cause)})") from error
+                                  f"{PUBLISH_TIMEOUT_SECONDS} s ({last})") from error
             except gexc.GoogleAPICallError as error:
                 if ordering_key:
                     self._resume(ordering_key)

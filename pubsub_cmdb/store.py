@@ -1,8 +1,8 @@
 """The CMDB: a sqlite file with the `vms` table and the log of applied events.
 
 Every change to `vms` is decided and written in one transaction together with its row in `events`,
-keyed by the Pub/Sub message id and publish time: a redelivered message finds its row and changes nothing. Deliveries
-that change nothing (get/update, invalid events) are logged there too, with the reason.
+keyed by the Pub/Sub message id and publish time: a redelivered message finds its row and changes
+nothing. Deliveries that change nothing (get/update, invalid events) are logged there too, with the reason.
 
 Events may also arrive out of publish order (a broker without ordering, redeliveries after a crash):
 `vm_versions` keeps, per VM, the publish time of the latest create and of the latest delete seen, and
@@ -163,26 +163,13 @@ def apply_many(con: sqlite3.Connection, items: list[Event | Rejected]) -> list[O
             # Events posted without a publish time (not from Pub/Sub) count as published now, in order.
             now = _now(order)
             if isinstance(item, Rejected):
-                outcomes.append(_log_not_applied(con, item, now, Outcome.INVALID, item.reason))
+                outcomes.append(_logged(con, item, now, Outcome.INVALID, item.reason))
             elif item.action not in SUPPORTED_ACTIONS:
-                outcomes.append(_log_not_applied(con, item, now, Outcome.UNSUPPORTED,
-                                                 f"action not supported: {item.action}"))
+                reason = f"action not supported: {item.action}"
+                outcomes.append(_logged(con, item, now, Outcome.UNSUPPORTED, reason))
             else:
                 outcomes.append(_apply_one(con, item, now))
     return outcomes
-
-
-def _log_not_applied(con, item: Event | Rejected, now: str, outcome: Outcome, reason: str) -> Outcome:
-    """Log a delivery that changes no record: a new row, or one more delivery of a known message id."""
-    if item.message_id is not None:
-        con.execute(
-            "INSERT INTO events (message_id, action, vm_name, namespace, publish_time, applied_at, outcome,"
-            " last_delivery_at, detail) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
-            " ON CONFLICT (message_id, publish_time) DO UPDATE SET deliveries = deliveries + 1,"
-            " last_delivery_at = excluded.last_delivery_at",
-            (item.message_id, item.action, item.vm_name, item.namespace, item.publish_time or "", now,
-             outcome.value, now, reason))
-    return outcome
 
 
 def _apply_one(con: sqlite3.Connection, event: Event, now: str) -> Outcome:
@@ -214,13 +201,16 @@ def _apply_one(con: sqlite3.Connection, event: Event, now: str) -> Outcome:
     return _logged(con, event, now, Outcome.STALE if existed else Outcome.ABSENT)
 
 
-def _logged(con: sqlite3.Connection, event: Event, now: str, outcome: Outcome) -> Outcome:
-    if event.message_id is not None:
+def _logged(con, item: Event | Rejected, now: str, outcome: Outcome, reason: str = "") -> Outcome:
+    """The event log row of a message (one with a message id): new, or one more delivery of it."""
+    if item.message_id is not None:
         con.execute(
             "INSERT INTO events (message_id, action, vm_name, namespace, publish_time, applied_at, outcome,"
-            " last_delivery_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (event.message_id, event.action, event.vm_name, event.namespace, event.publish_time or "", now,
-             outcome.value, now))
+            " last_delivery_at, detail) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+            " ON CONFLICT (message_id, publish_time) DO UPDATE SET deliveries = deliveries + 1,"
+            " last_delivery_at = excluded.last_delivery_at",
+            (item.message_id, item.action, item.vm_name, item.namespace, item.publish_time or "", now,
+             outcome.value, now, reason))
     return outcome
 
 
