@@ -88,6 +88,19 @@ class Broker(abc.ABC):
         self.close()
 
 
+def retry_delay(attempt: int | None, backoff: tuple[float, float], max_delivery_attempts: int | None) -> float:
+    """How long a message nacked after delivery `attempt` stays away: the retry policy of both backends.
+
+    min * 2^(attempt-1), at most max (`backoff` is (min, max)); the minimum where attempts are not counted.
+    0 after the last attempt a dead-letter policy allows: it goes to the dead-letter topic, no point waiting.
+    """
+    if attempt is None:
+        return backoff[0]
+    if max_delivery_attempts and attempt >= max_delivery_attempts:
+        return 0
+    return min(backoff[1], backoff[0] * 2 ** (attempt - 1))
+
+
 def dead_letter_subscription(dead_letter_topic: str) -> str:
     """The subscription both backends create on the dead-letter topic, so that what lands there stays."""
     return f"{dead_letter_topic}-sub"

@@ -28,7 +28,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Callable, Mapping
 
 from .broker import (Broker, BrokerError, Message, PulledMessage, StreamingPull, UnknownAckId,
-                     dead_letter_subscription)
+                     dead_letter_subscription, retry_delay)
 from .sqlite_tx import write_transaction as _write
 
 log = logging.getLogger(__name__)
@@ -117,9 +117,8 @@ class _Subscription:
 
     def retry_delay(self, attempt: int) -> float:
         """How long a message nacked after delivery `attempt` stays away (the retry policy)."""
-        if self.dead_letter_topic and attempt >= self.max_delivery_attempts:
-            return 0  # it goes to the dead-letter topic at the next claim: no point waiting
-        return min(self.max_backoff, self.min_backoff * 2 ** (attempt - 1))
+        return retry_delay(attempt, (self.min_backoff, self.max_backoff),
+                           self.max_delivery_attempts if self.dead_letter_topic else None)
 
 
 def _insert_message(con, topic: str, data: bytes, attributes: Mapping[str, str], publish_us: int,

@@ -17,7 +17,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from pubsub_cmdb.broker import BrokerError, UnknownAckId, dead_letter_subscription, make_broker
+from pubsub_cmdb.broker import BrokerError, UnknownAckId, dead_letter_subscription, make_broker, retry_delay
 from pubsub_cmdb.config import load_settings
 
 from .broker_peer import Peer
@@ -125,20 +125,8 @@ def nothing_comes(broker, seconds: float) -> None:
         time.sleep(0.5)
 
 
-def known_difference(backend_name: str, reason: str):
-    """Where one backend does not keep this part of the contract: its test is expected to fail there
-    (xfail, not strict: the emulator is not consistent about it)."""
-    def mark(test):
-        test.known_difference = (backend_name, reason)
-        return test
-    return mark
-
-
 @pytest.fixture(params=BACKENDS)
 def backend(request, tmp_path):
-    difference = getattr(request.function, "known_difference", None)
-    if difference and difference[0] == request.param:
-        request.applymarker(pytest.mark.xfail(reason=difference[1]))
     host = request.getfixturevalue("emulator_host") if request.param == "emulator" else None
     running = Backend(request.param, tmp_path, host)
     yield running
@@ -339,10 +327,18 @@ def test_modify_ack_deadline_zero_redelivers_at_once(backend):
     assert second_at - first_at < ACK_DEADLINE / 2  # at once, not when the deadline runs out
 
 
+def test_the_retry_policy_doubles_the_backoff_per_attempt_up_to_its_maximum():
+    """Both backends' policy (the embedded broker keeps it, GoogleBroker on the emulator keeps it)."""
+    assert [retry_delay(attempt, (10, 600), None) for attempt in (1, 2, 3, 6, 7, 20)] == [10, 20, 40, 320, 600, 600]
+    assert retry_delay(None, (10, 600), None) == 10  # attempts not counted: the minimum each time
+    assert retry_delay(4, (10, 600), 5) == 80 and retry_delay(5, (10, 600), 5) == 0  # the last: dead-lettered now
+    assert retry_delay(3, (0, 0), None) == 0
+
+
 @started_early
 def test_a_nacked_message_is_redelivered_with_a_higher_delivery_attempt(backend):
-    """Within 30 s: the emulator redelivers the first nack at once, the embedded broker after the retry
-    policy's minimum backoff (10 s). Both count attempts where a dead-letter policy is set."""
+    """After the retry policy's minimum backoff (10 s), not at once: on the emulator GoogleBroker keeps
+    the policy on the client (README). Both count attempts where a dead-letter policy is set."""
     backend.use_dead_letter_topic(max_delivery_attempts=10)
     broker = backend.broker()
     message_id = broker.publish(b"refused once", {"action": "get"})
@@ -351,7 +347,21 @@ def test_a_nacked_message_is_redelivered_with_a_higher_delivery_attempt(backend)
     first, second = inbox.wait_for(2, seconds=40)
     assert first.message_id == second.message_id == message_id and second.data == b"refused once"
     assert (first.delivery_attempt, second.delivery_attempt) == (1, 2)
-    assert inbox.deliveries[1][0] - inbox.deliveries[0][0] < 30
+    assert 8 < inbox.deliveries[1][0] - inbox.deliveries[0][0] < 30
+
+
+@started_early
+def test_messages_whose_ack_deadline_runs_out_come_back_every_time(backend):
+    """Pulled and neither acked nor nacked, four times running: each time they come back once their ack
+    deadline has run out. (With a retry policy, Google's emulator 0.8.20 loses them from the third time on,
+    the reason its subscription has none; README.)"""
+    backend.use_dead_letter_topic(max_delivery_attempts=10)  # so that both backends count attempts
+    broker = backend.broker()
+    ids = {broker.publish(f"{i}".encode(), {}) for i in range(5)}
+    for attempt in (1, 2, 3, 4):
+        pulled = pull_exactly(broker, 5, seconds=ACK_DEADLINE + 15)
+        assert {m.message_id for m in pulled} == ids
+        assert {m.delivery_attempt for m in pulled} == {attempt}
 
 
 @started_early
@@ -421,18 +431,19 @@ def test_cancel_lets_running_callbacks_finish_and_hands_over_nothing_more(backen
     assert {m.message_id for m in inbox.messages()} == running
 
 
-@known_difference("emulator", "Google's emulator keeps messages nacked by a streaming pull that has closed "
-                              "(the library nacks the unhandled ones after closing the stream) for minutes")
 @started_early
-def test_messages_fetched_but_not_handed_over_come_back_at_once_after_cancel(backend):
-    """cancel() gives them back: another subscriber gets them before their ack deadline would have run out."""
+def test_messages_fetched_but_not_handed_over_come_back_after_cancel(backend):
+    """cancel() gives them back: another subscriber gets them within 30 s; on the embedded broker at once,
+    before their ack deadline would have run out. (The emulator does not notice that the stream was closed:
+    until that stream's deadline it hands it messages again, each then away for an ack deadline; README.)"""
     broker, ids, running, _ = cancel_while_callbacks_run(backend)
     cancelled_at = time.monotonic()
     rest = Inbox()
     backend.subscribe(broker, rest)
-    redelivered = {m.message_id for m in rest.wait_for(len(ids) - len(running), seconds=ACK_DEADLINE - 2)}
+    redelivered = {m.message_id for m in rest.wait_for(len(ids) - len(running), seconds=30)}
     assert redelivered == ids - running  # the acked ones do not come back
-    assert time.monotonic() - cancelled_at < ACK_DEADLINE - 2
+    if backend.name == "embedded":
+        assert time.monotonic() - cancelled_at < ACK_DEADLINE - 2
 
 
 @started_early
@@ -456,23 +467,23 @@ def test_two_subscriber_processes_never_hold_the_same_message(backend):
     assert all(len(worker.words("held")) >= 30 for worker in workers), "one worker got (nearly) nothing"
 
 
-@known_difference("emulator", "Google's emulator sometimes strands the messages of a SIGKILLed streaming "
-                              "subscriber for minutes (measured: 5 of 5 back after 6 s, 2 of 5 and 0 of 5 in 300 s)")
 @started_early
-def test_messages_held_by_a_killed_subscriber_process_come_back(backend):
+def test_messages_held_by_a_killed_subscriber_process_come_back_within_30_s(backend):
+    """The issue's recovery bound. On the emulator this holds only because GoogleBroker gives each stream a
+    short deadline: the emulator never notices that the killed process's stream is gone (README)."""
     backend.use_dead_letter_topic(max_delivery_attempts=10)  # so that both backends count attempts
     broker = backend.broker()
-    ids = {broker.publish(f"{i}".encode(), {}) for i in range(5)}
-    holder = backend.peer("hold", 10)
-    assert {words[0] for words in holder.wait_for("got", 5)} == ids
+    ids = {broker.publish(f"{i}".encode(), {}) for i in range(50)}
+    holder = backend.peer("hold", 100)
+    holder.wait_for("got", 10)  # its 10 callback threads block; the library holds the rest
 
     inbox = Inbox()
-    backend.subscribe(broker, inbox)
+    backend.subscribe(broker, inbox, max_messages=100)
     time.sleep(ACK_DEADLINE + 2)
     assert inbox.deliveries == [], "delivered while the holder was alive and extending its leases"
     holder.kill()
     killed_at = time.monotonic()
-    redelivered = inbox.wait_for(5, seconds=60)
+    redelivered = inbox.wait_for(50, seconds=30)
     assert {m.message_id for m in redelivered} == ids
-    assert {m.delivery_attempt for m in redelivered} == {2}
-    print(f"{backend.name}: redelivered {time.monotonic() - killed_at:.1f} s after the SIGKILL")
+    assert all(m.delivery_attempt >= 2 for m in redelivered)
+    print(f"{backend.name}: all redelivered {time.monotonic() - killed_at:.1f} s after the SIGKILL")
