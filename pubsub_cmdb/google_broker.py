@@ -64,9 +64,10 @@ class GoogleBroker(Broker):
             "name": self.subscription_path,
             "topic": self.topic_path,
             "ack_deadline_seconds": ACK_DEADLINE_SECONDS,
-            # One VM's create and delete delivered in publish order. Not on the emulator, where main.py
-            # publishes without ordering keys (see publish). The CMDB converges whatever the arrival order
-            # anyway (store.py), so ordering is an optimisation.
+            # One VM's create and delete delivered in publish order. Not on the emulator: its ordered
+            # subscriptions stop delivering anything once a message has used up the dead-letter policy's
+            # attempts (README), and main.py publishes there without ordering keys (see publish). The CMDB
+            # converges whatever the arrival order anyway (store.py), so ordering is an optimisation.
             "enable_message_ordering": not self._on_emulator,
         }
         if not self._on_emulator:
