@@ -220,11 +220,19 @@ def records(con: sqlite3.Connection, limit: int = 500) -> list[sqlite3.Row]:
                        " FROM vms ORDER BY id DESC LIMIT ?", (limit,)).fetchall()
 
 
-def history(con: sqlite3.Connection, namespace: str, vm_name: str) -> list[sqlite3.Row]:
-    """One VM's event log, oldest first: every message that named it, with what it did."""
-    return con.execute("SELECT message_id, action, publish_time, applied_at, outcome, deliveries,"
-                       " last_delivery_at, detail FROM events WHERE namespace = ? AND vm_name = ?"
-                       " ORDER BY applied_at, rowid", (namespace, vm_name)).fetchall()
+def record(con: sqlite3.Connection, namespace: str, vm_name: str) -> sqlite3.Row | None:
+    """The VM's record, or None where it is not in the CMDB (never created, or deleted)."""
+    return con.execute("SELECT id, vm_name, namespace, message, created_at, updated_at, last_message_id"
+                       " FROM vms WHERE namespace = ? AND vm_name = ?", (namespace, vm_name)).fetchone()
+
+
+def history(con: sqlite3.Connection, namespace: str, vm_name: str, limit: int = -1) -> list[sqlite3.Row]:
+    """One VM's event log, oldest first: every message that named it, with what it did.
+    With `limit`, only the latest `limit` of them (-1: all)."""
+    return con.execute("SELECT * FROM (SELECT message_id, action, publish_time, applied_at, outcome, deliveries,"
+                       " last_delivery_at, detail, rowid AS seq FROM events WHERE namespace = ? AND vm_name = ?"
+                       " ORDER BY applied_at DESC, rowid DESC LIMIT ?) ORDER BY applied_at, seq",
+                       (namespace, vm_name, limit)).fetchall()
 
 
 def not_applied(con: sqlite3.Connection, limit: int = 100) -> list[sqlite3.Row]:

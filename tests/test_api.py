@@ -29,7 +29,7 @@ def test_redelivered_create_is_200_and_changes_nothing(client):
     assert post(client, **event(message_id="m1")).status_code == 201
     again = post(client, **event(message_id="m1"))
     assert (again.status_code, again.json["outcome"]) == (200, "duplicate")
-    assert client.get("/cmdb").get_data(as_text=True).count("<td>vm-1</td>") == 1
+    assert client.get("/cmdb").get_data(as_text=True).count(">vm-1</a></td>") == 1
 
 
 def test_create_of_a_record_another_message_created_is_409(client):
@@ -184,3 +184,40 @@ def test_invalid_deliveries_with_a_message_id_are_logged_with_the_reason(app, cl
     page = client.get("/cmdb").get_data(as_text=True)
     assert "Not applied" in page and "vm_name must not contain control characters" in page
     assert "<td>m9</td>" in page and "<td>m10</td>" in page and "action not supported: update" in page
+
+
+def test_a_vms_history_lists_every_message_that_named_it_oldest_first(client):
+    post(client, **event(message_id="m1", publish_time="2026-12-04T10:00:00Z"))
+    post(client, **event(message_id="m1", publish_time="2026-12-04T10:00:00Z"))  # redelivered
+    post(client, **event(action="update", message_id="m2", message="<i>later</i>"))
+    post(client, **event(action="delete", message_id="m3", publish_time="2026-12-04T10:05:00Z"))
+    post(client, **event(vm_name="vm-2", message_id="m4"))
+    records = client.get("/cmdb").get_data(as_text=True)
+    assert 'href="/cmdb/history?namespace=Customer+1&amp;vm_name=vm-2"' in records  # the record links to it
+    assert 'href="/cmdb/history?namespace=Customer+1&amp;vm_name=vm-1"' in records  # so does "Not applied"
+
+    page = client.get("/cmdb/history", query_string={"namespace": "Customer 1", "vm_name": "vm-1"})
+    text = page.get_data(as_text=True)
+    assert page.status_code == 200 and "Not in the CMDB now" in text
+    rows = [row for row in text.split("<tr>")[2:]]
+    assert [("m1" in r, "m2" in r, "m3" in r) for r in rows] == [(True, False, False), (False, True, False),
+                                                                (False, False, True)]
+    assert "created" in rows[0] and "<td>2</td>" in rows[0]  # delivered twice, applied once
+    assert "unsupported" in rows[1] and "action not supported: update" in rows[1]
+    assert "deleted" in rows[2] and "vm-2" not in text and "m4" not in text
+    page = client.get("/cmdb/history?namespace=Customer+1&vm_name=vm-2").get_data(as_text=True)
+    assert "In the CMDB now: record" in page and "12:00:00 - hi" in page
+
+
+def test_a_history_is_escaped_and_needs_both_names(client):
+    post(client, **event(vm_name="<b>vm</b>", message_id="m1"))
+    page = client.get("/cmdb/history", query_string={"namespace": "Customer 1", "vm_name": "<b>vm</b>"})
+    text = page.get_data(as_text=True)
+    assert "<b>vm</b>" not in text and "&lt;b&gt;vm&lt;/b&gt;" in text and "created" in text
+    missing = client.get("/cmdb/history?vm_name=vm-1")
+    assert missing.status_code == 400 and "namespace must be given" in missing.get_data(as_text=True)
+    missing = client.get("/cmdb/history")
+    assert missing.status_code == 400 and "namespace and vm_name must be given" in missing.get_data(as_text=True)
+    unknown = client.get("/cmdb/history?namespace=Customer+2&vm_name=nobody").get_data(as_text=True)
+    assert "Not in the CMDB now" in unknown and "No message has named this VM yet" in unknown
+

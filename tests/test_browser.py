@@ -73,6 +73,11 @@ def test_publish_ack_and_see_the_cmdb_in_a_browser(page, system, tmp_path):
     eventually(lambda: page.locator("td", has_text="browser-vm").count() or page.reload() and False,
                what="browser-vm on /cmdb")
     assert "made in Chromium <b>bold</b>" in page.locator("tr", has_text="browser-vm").inner_text()
+    # Its name leads to its history: the create, applied once.
+    page.get_by_role("link", name="browser-vm").click()
+    assert page.get_by_role("heading", name="History of browser-vm").is_visible()
+    assert "created" in page.locator("tbody tr").first.inner_text()
+    page.get_by_role("link", name="Back to the records").click()
 
     # An update is never applied: /cmdb lists it under "Not applied", with the reason.
     page.get_by_role("link", name="Publish").click()

@@ -217,3 +217,11 @@ def test_any_arrival_order_ends_in_the_last_published_state(con):
             store.apply(con, Event(event.action, name, "ns", "", f"{name}-{event.message_id}", event.publish_time))
         assert ("ns", name) in names(con), order
     assert store.count(con) == 120
+
+
+def test_a_limited_history_is_the_latest_events_oldest_first(con):
+    for i in range(5):
+        store.apply(con, (create if i % 2 == 0 else delete)(message_id=f"m{i}"))
+    assert [r["message_id"] for r in store.history(con, "ns", "vm-1")] == ["m0", "m1", "m2", "m3", "m4"]
+    assert [r["message_id"] for r in store.history(con, "ns", "vm-1", limit=2)] == ["m3", "m4"]
+    assert store.record(con, "ns", "vm-1")["message"] == "hello" and store.record(con, "ns", "vm-2") is None

@@ -6,7 +6,7 @@ the status that event would have had alone.
 """
 import hmac
 
-from flask import Blueprint, current_app, jsonify, render_template, request
+from flask import Blueprint, abort, current_app, jsonify, render_template, request
 
 from .. import events, store
 from ..store import Outcome
@@ -16,6 +16,7 @@ bp = Blueprint("cmdb", __name__)
 MAX_BATCH = 1000
 MAX_BATCH_BYTES = 2 * 1024 * 1024  # subscriber.py keeps its batches under 1 MB
 NOT_APPLIED_SHOWN = 50
+HISTORY_SHOWN = 200
 
 
 @bp.before_request
@@ -49,6 +50,20 @@ def show_records():
     con = get_db()
     return render_template("cmdb.html", records=store.records(con), total=store.count(con),
                            not_applied=store.not_applied(con, NOT_APPLIED_SHOWN))
+
+
+@bp.get("/cmdb/history")
+def show_history():
+    """One VM's event log (`?namespace=...&vm_name=...`), whether or not it is in the CMDB now."""
+    namespace, vm_name = request.args.get("namespace", ""), request.args.get("vm_name", "")
+    missing = [name for name, value in (("namespace", namespace), ("vm_name", vm_name)) if not value]
+    if missing:
+        abort(400, description=f"{' and '.join(missing)} must be given, e.g. "
+                               "/cmdb/history?namespace=Customer%201&vm_name=vm-1")
+    con = get_db()
+    return render_template("history.html", namespace=namespace, vm_name=vm_name,
+                           record=store.record(con, namespace, vm_name),
+                           history=store.history(con, namespace, vm_name, HISTORY_SHOWN), shown=HISTORY_SHOWN)
 
 
 @bp.post("/cmdb")
