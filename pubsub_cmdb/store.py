@@ -214,16 +214,19 @@ def _logged(con, item: Event | Rejected, now: str, outcome: Outcome, reason: str
     return outcome
 
 
+# What the pages show of a record.
+_RECORD_COLUMNS = "id, vm_name, namespace, message, created_at, updated_at, last_message_id"
+
+
 def records(con: sqlite3.Connection, limit: int = 500) -> list[sqlite3.Row]:
     """The newest records first."""
-    return con.execute("SELECT id, vm_name, namespace, message, created_at, updated_at, last_message_id"
-                       " FROM vms ORDER BY id DESC LIMIT ?", (limit,)).fetchall()
+    return con.execute(f"SELECT {_RECORD_COLUMNS} FROM vms ORDER BY id DESC LIMIT ?", (limit,)).fetchall()
 
 
 def record(con: sqlite3.Connection, namespace: str, vm_name: str) -> sqlite3.Row | None:
     """The VM's record, or None where it is not in the CMDB (never created, or deleted)."""
-    return con.execute("SELECT id, vm_name, namespace, message, created_at, updated_at, last_message_id"
-                       " FROM vms WHERE namespace = ? AND vm_name = ?", (namespace, vm_name)).fetchone()
+    return con.execute(f"SELECT {_RECORD_COLUMNS} FROM vms WHERE namespace = ? AND vm_name = ?",
+                       (namespace, vm_name)).fetchone()
 
 
 def history(con: sqlite3.Connection, namespace: str, vm_name: str, limit: int = -1) -> list[sqlite3.Row]:

@@ -94,6 +94,15 @@ class System:
             return con.execute("SELECT action, vm_name, outcome FROM events ORDER BY rowid").fetchall()
 
 
+def nothing_comes(broker, seconds: float) -> None:
+    """Pull every half second for `seconds`: the subscription must stay empty."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        pulled = broker.pull(10)
+        assert pulled == [], f"unexpected delivery of {[m.message_id for m in pulled]}"
+        time.sleep(0.5)
+
+
 def pulled_rows(page: str) -> dict[str, str]:
     """vm_name → ack id for each message row of a /messages page."""
     rows = {}

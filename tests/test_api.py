@@ -199,7 +199,7 @@ def test_a_vms_history_lists_every_message_that_named_it_oldest_first(client):
     page = client.get("/cmdb/history", query_string={"namespace": "Customer 1", "vm_name": "vm-1"})
     text = page.get_data(as_text=True)
     assert page.status_code == 200 and "Not in the CMDB now" in text
-    rows = [row for row in text.split("<tr>")[2:]]
+    rows = text.split("<tr>")[2:]  # after the header row
     assert [("m1" in r, "m2" in r, "m3" in r) for r in rows] == [(True, False, False), (False, True, False),
                                                                 (False, False, True)]
     assert "created" in rows[0] and "<td>2</td>" in rows[0]  # delivered twice, applied once

@@ -21,7 +21,7 @@ from pubsub_cmdb.broker import BrokerError, UnknownAckId, dead_letter_subscripti
 from pubsub_cmdb.config import load_settings
 
 from .broker_peer import Peer
-from .e2e import eventually
+from .e2e import eventually, nothing_comes
 
 BACKENDS = [pytest.param("embedded"), pytest.param("emulator", marks=pytest.mark.emulator)]
 ACK_DEADLINE = 10  # seconds; both backends provision it
@@ -114,15 +114,6 @@ def pull_exactly(broker, count: int, seconds: float = 10) -> list:
                interval=0.1, what=f"{count} pulled messages")
     assert len(pulled) == count, [m.message_id for m in pulled]
     return pulled
-
-
-def nothing_comes(broker, seconds: float) -> None:
-    """Pull every half second for `seconds`: the subscription must stay empty."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        pulled = broker.pull(10)
-        assert pulled == [], f"unexpected delivery of {[m.message_id for m in pulled]}"
-        time.sleep(0.5)
 
 
 @pytest.fixture(params=BACKENDS)
